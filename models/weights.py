@@ -1,0 +1,228 @@
+"""Reading checkpoint files without a second full copy in memory.
+
+* :class:`WeightFileError` is the one error type for "this file is not what the loader needs": its message says
+  what was found, what was expected and what to do.
+* :func:`open_checkpoint` gives a lazy, read-only mapping ``name -> tensor`` over a single ``.safetensors`` file
+  or a diffusers/HF folder (sharded safetensors with an ``*.safetensors.index.json``).  Headers are validated up
+  front (a truncated file is refused before any tensor is read); tensors are read one at a time on access.
+* :func:`assign_weights` moves tensors from such a mapping into a module built on the ``meta`` device, one tensor
+  at a time, so peak memory stays near the size of the weights themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["WeightFileError", "SafetensorsCheckpoint", "open_checkpoint", "assign_weights", "FLOAT8_DTYPES"]
+
+FLOAT8_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+
+_SAFETENSORS_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1), "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class WeightFileError(ValueError):
+    """A checkpoint that cannot be used by the loader it was given to (wrong model, truncated, corrupt)."""
+
+
+class SafetensorsCheckpoint(Mapping):
+    """Lazy ``name -> tensor`` view over one or more safetensors files (each tensor read on access).
+
+    ``metadata`` is the merged ``__metadata__`` of the files; ``config`` the parsed ``config.json`` of a
+    diffusers/HF folder (or ``None``).  Tensor shapes and dtypes are known without reading any data:
+    :meth:`shape` / :meth:`dtype`.
+    """
+
+    def __init__(self, files: list[Path], config: dict | None = None, source: Path | None = None):
+        self.source = Path(source or files[0])
+        self.config = config
+        self.metadata: dict[str, str] = {}
+        self._index: dict[str, tuple[Path, str, list[int], int]] = {}  # name -> (file, dtype tag, shape, data offset)
+        for path in files:
+            self._read_header(path)
+
+    # -- header validation -------------------------------------------------------------------------------------
+    def _read_header(self, path: Path) -> None:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightFileError(f"{path}: not a safetensors file (only {size} bytes).")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise WeightFileError(
+                    f"{path}: not a valid safetensors file (header length {header_len} does not fit in a "
+                    f"{size}-byte file). The file is corrupt, truncated, or not a .safetensors file.")
+            raw = f.read(header_len)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightFileError(f"{path}: corrupt safetensors header ({e}).") from None
+        if not isinstance(header, dict):
+            raise WeightFileError(f"{path}: corrupt safetensors header (not a JSON object).")
+        data_start = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                if isinstance(info, dict):
+                    self.metadata.update({str(k): str(v) for k, v in info.items()})
+                continue
+            try:
+                tag, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise WeightFileError(f"{path}: corrupt entry for tensor '{name}' in the header.") from None
+            if tag not in _SAFETENSORS_DTYPES or _SAFETENSORS_DTYPES[tag][0] is None:
+                raise WeightFileError(f"{path}: tensor '{name}' has dtype {tag}, which this loader cannot read.")
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            if end - begin != numel * _SAFETENSORS_DTYPES[tag][1] or begin < 0:
+                raise WeightFileError(f"{path}: tensor '{name}' has inconsistent size in the header (corrupt file).")
+            if data_start + end > size:
+                raise WeightFileError(
+                    f"{path}: the file is truncated: tensor '{name}' ends at byte {data_start + end} but the file "
+                    f"has {size} bytes. Download it again.")
+            if name in self._index:
+                raise WeightFileError(f"{path}: tensor '{name}' appears in more than one shard.")
+            self._index[name] = (path, tag, shape, data_start + begin)
+
+    # -- mapping interface -------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, tag, shape, offset = self._index[name]
+        dtype, itemsize = _SAFETENSORS_DTYPES[tag]
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = bytearray(numel * itemsize)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != len(buf):
+                raise WeightFileError(f"{path}: the file is truncated while reading tensor '{name}'.")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._index[name][2])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._index[name][1]][0]
+
+    def nbytes(self) -> int:
+        total = 0
+        for _, tag, shape, _ in self._index.values():
+            n = _SAFETENSORS_DTYPES[tag][1]
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+def open_checkpoint(path: str | os.PathLike) -> SafetensorsCheckpoint:
+    """Open a ``.safetensors`` file or a folder (diffusers / HF layout) lazily; validates headers only.
+
+    A folder may hold the weights directly or in a ``transformer/``, ``vae/``, ``text_encoder/`` ... subfolder
+    of a full pipeline: pass that subfolder.  Raises :class:`WeightFileError` with a helpful message otherwise.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightFileError(f"{path}: no such file or folder.")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            raise WeightFileError(f"{path}: this is a GGUF file; it is read by the GGUF loader, not as safetensors.")
+        return SafetensorsCheckpoint([path])
+    config = None
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightFileError(f"{path / 'config.json'}: not valid JSON ({e}).") from None
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightFileError(f"{indexes[0]}: not a valid safetensors index ({e}).") from None
+        files = sorted({path / shard for shard in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightFileError(f"{path}: the index lists shards that are missing: {', '.join(missing)}.")
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightFileError(f"{path}: the folder holds no .safetensors weights.")
+    return SafetensorsCheckpoint(files, config=config, source=path)
+
+
+def assign_weights(
+    module: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    rename: Callable[[str], str | None] | None = None,
+    keep_dtypes: tuple[torch.dtype, ...] = FLOAT8_DTYPES,
+    what: str = "model",
+) -> None:
+    """Replace every parameter/buffer of a meta-device ``module`` with the checkpoint's tensor, one at a time.
+
+    ``rename`` maps a checkpoint name to the module's name (``None`` drops the tensor).  Tensors are converted
+    to ``dtype`` unless their dtype is in ``keep_dtypes`` (fp8 stays fp8).  Extra ``<layer>.scale_weight`` /
+    ``<layer>.scale_input`` tensors ("scaled fp8") become buffers on their layer.  Missing or unexpected names
+    raise :class:`WeightFileError`.
+    """
+    expected = dict(module.named_parameters())
+    expected.update(dict(module.named_buffers()))
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for key in tensors:
+        name = rename(key) if rename else key
+        if name is None:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        if name not in expected:
+            if leaf in ("scale_weight", "scale_input"):
+                owner = module.get_submodule(owner_name) if owner_name else module
+                owner.register_buffer(leaf, tensors[key].to(torch.float32), persistent=True)
+                continue
+            unexpected.append(key)
+            continue
+        tensor = tensors[key]
+        ref = expected[name]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise WeightFileError(
+                f"{what}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}.")
+        if dtype is not None and tensor.dtype not in keep_dtypes and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if isinstance(ref, nn.Parameter):
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise WeightFileError(f"{what}: the checkpoint does not match the model: " + "; ".join(parts) + ".")
