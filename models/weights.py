@@ -191,6 +191,8 @@ def assign_weights(
     """
     expected = dict(module.named_parameters())
     expected.update(dict(module.named_buffers()))
+    # Quantized checkpoints store packed blocks; their mapping reports the logical (torch-order) shape.
+    shape_of = getattr(tensors, "shape", None)
     seen: set[str] = set()
     unexpected: list[str] = []
     for key in tensors:
@@ -207,9 +209,9 @@ def assign_weights(
             continue
         tensor = tensors[key]
         ref = expected[name]
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise WeightFileError(
-                f"{what}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}.")
+        shape = tuple(shape_of(key)) if callable(shape_of) else tuple(tensor.shape)
+        if shape != tuple(ref.shape):
+            raise WeightFileError(f"{what}: tensor '{key}' has shape {shape}, expected {tuple(ref.shape)}.")
         if dtype is not None and tensor.dtype not in keep_dtypes and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         owner = module.get_submodule(owner_name) if owner_name else module
