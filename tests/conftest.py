@@ -1,10 +1,36 @@
-"""Shared pytest setup: the repository root on sys.path (``from models import ...``)."""
+"""Shared pytest setup.
+
+* The repository root on sys.path (``from models import ...``) and ``tools/`` (the host harness).
+* ``host``: ONE real ComfyUI per test session (tools/host.py), started on first use, with the pack loaded from
+  this working tree and a temporary models folder filled with the tiny checkpoints.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for path in (REPO_ROOT, REPO_ROOT / "tools"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+@pytest.fixture(scope="session")
+def host_models_dir(tmp_path_factory) -> Path:
+    """A ComfyUI models folder holding the tiny checkpoints the workflows use."""
+    from models.testing.factory import make_all
+
+    root = tmp_path_factory.mktemp("host-models")
+    make_all(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def host(host_models_dir):
+    from host import ComfyHost
+
+    with ComfyHost(host_models_dir) as running:
+        yield running
