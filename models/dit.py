@@ -1,0 +1,326 @@
+"""The Qwen-Image diffusion transformer (MMDiT with MSRoPE) in plain PyTorch.
+
+Parameter names equal the diffusers ``QwenImageTransformer2DModel`` names (``transformer_blocks.N.attn.to_q``,
+``img_mlp.net.0.proj``, ``norm_out.linear`` ...), so checkpoints and LoRAs map one to one.  The maths follows
+diffusers (the reference the Qwen team recommends):
+
+* double-stream blocks: per stream AdaLN modulation ``(shift, scale, gate) x 2`` from ``SiLU(temb)``, LayerNorm
+  without affine (eps 1e-6), joint attention over ``[text, image]`` with per-head q/k RMSNorm and MSRoPE, GELU(tanh)
+  MLPs;
+* ``norm_out`` modulation is ``(scale, shift)``;
+* timestep embedding: ``sinusoid(1000 * sigma)`` (256 dims, cos first) -> Linear -> SiLU -> Linear;
+* Edit-2511 ``zero_cond_t``: reference-image tokens are modulated with the embedding of ``t = 0``.
+
+The model runs in ``compute_dtype``; layers come from an injectable ``ops`` namespace that casts stored weights
+per layer (fp8 weights stay fp8 in memory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import CastOps
+from .rope import MSRoPE, apply_rope
+
+__all__ = ["DiTConfig", "QwenImageDiT", "pack_latent", "unpack_latent"]
+
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Shape of a Qwen-Image DiT (defaults: the real 20 B model)."""
+
+    depth: int = 60
+    heads: int = 24
+    head_dim: int = 128
+    in_channels: int = 64
+    out_channels: int = 16
+    joint_dim: int = 3584
+    axes_dim: tuple[int, int, int] = (16, 56, 56)
+    zero_cond_t: bool = False
+    patch_size: int = 2
+    rope_theta: float = 10000.0
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
+def pack_latent(x: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, (H/p)(W/p), C*p*p]`` with channel ``c*p*p + dy*p + dx`` (the diffusers packing)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpack_latent(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
+    """Inverse of :func:`pack_latent` for a ``height x width`` latent."""
+    b, _, packed = tokens.shape
+    c = packed // (patch * patch)
+    x = tokens.view(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def timestep_sinusoid(sigma: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """``[cos, sin]`` of ``1000 * sigma * 10000 ** (-k / (dim/2))`` in float32 (reference operation order)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+    angle = (sigma.float()[:, None] * freqs[None, :]) * 1000.0
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, ops, device=None, dtype=None):
+        super().__init__()
+        self.linear_1 = ops.Linear(256, width, bias=True, device=device, dtype=dtype)
+        self.linear_2 = ops.Linear(width, width, bias=True, device=device, dtype=dtype)
+
+    def forward(self, sinusoid: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(sinusoid)))
+
+
+class TimeTextEmbed(nn.Module):
+    """Container that keeps the reference name ``time_text_embed.timestep_embedder``."""
+
+    def __init__(self, width: int, ops, device=None, dtype=None):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(width, ops, device=device, dtype=dtype)
+
+
+class GeluProjection(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int, ops, device=None, dtype=None):
+        super().__init__()
+        self.proj = ops.Linear(dim_in, dim_out, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """``net.0.proj`` (GELU tanh) -> ``net.2``; index 1 (dropout in the reference) holds no weights."""
+
+    def __init__(self, width: int, ops, device=None, dtype=None):
+        super().__init__()
+        self.net = nn.ModuleDict({
+            "0": GeluProjection(width, 4 * width, ops, device=device, dtype=dtype),
+            "2": ops.Linear(4 * width, width, bias=True, device=device, dtype=dtype),
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net["2"](self.net["0"](x))
+
+
+class JointAttention(nn.Module):
+    """Joint attention of the text and image streams, each with its own projections and q/k RMSNorm."""
+
+    def __init__(self, config: DiTConfig, ops, device=None, dtype=None):
+        super().__init__()
+        width, head_dim = config.width, config.head_dim
+        self.heads = config.heads
+
+        def linear():
+            return ops.Linear(width, width, bias=True, device=device, dtype=dtype)
+
+        def rms():
+            return ops.RMSNorm(head_dim, eps=_EPS, device=device, dtype=dtype)
+
+        self.to_q, self.to_k, self.to_v = linear(), linear(), linear()
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = linear(), linear(), linear()
+        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = rms(), rms(), rms(), rms()
+        self.to_out = nn.ModuleList([linear()])
+        self.to_add_out = linear()
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: torch.Tensor,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = (self.heads, -1)
+        q = torch.cat([self.norm_added_q(self.add_q_proj(txt).unflatten(-1, heads)),
+                       self.norm_q(self.to_q(img).unflatten(-1, heads))], dim=1)
+        k = torch.cat([self.norm_added_k(self.add_k_proj(txt).unflatten(-1, heads)),
+                       self.norm_k(self.to_k(img).unflatten(-1, heads))], dim=1)
+        v = torch.cat([self.add_v_proj(txt).unflatten(-1, heads), self.to_v(img).unflatten(-1, heads)], dim=1)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2)  # [B, L, H*D]; free when SDPA returns a [B, L, H, D] layout
+        text_len = txt.shape[1]
+        return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` with one ``(shift, scale)`` row per token segment (``scale`` holds 1 + scale)."""
+    if len(sizes) == 1:
+        return torch.addcmul(shift[0], x, scale[0])
+    parts = x.split(list(sizes), dim=1)
+    return torch.cat([torch.addcmul(sh, part, sc) for part, sh, sc in zip(parts, shift, scale)], dim=1)
+
+
+def _gated_add_(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, sizes: Sequence[int]) -> None:
+    """``x += gate * y`` in place, one gate row per token segment."""
+    if len(sizes) == 1:
+        x.addcmul_(gate[0], y)
+        return
+    for x_part, g, y_part in zip(x.split(list(sizes), dim=1), gate, y.split(list(sizes), dim=1)):
+        x_part.addcmul_(g, y_part)
+
+
+def _mod_params(linear: nn.Module, silu_temb: torch.Tensor, segments: int) -> list[torch.Tensor]:
+    """``Linear(SiLU(temb))`` split into ``shift1, 1+scale1, gate1, shift2, 1+scale2, gate2``, each
+    ``[segments, B, 1, D]`` (rows of ``temb`` are segment-major)."""
+    params = linear(silu_temb)
+    params = params.view(segments, params.shape[0] // segments, 1, params.shape[-1])
+    shift1, scale1, gate1, shift2, scale2, gate2 = params.chunk(6, dim=-1)
+    return [shift1, scale1 + 1, gate1, shift2, scale2 + 1, gate2]
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, config: DiTConfig, ops, device=None, dtype=None):
+        super().__init__()
+        width = config.width
+        self.img_mod = nn.Sequential(nn.SiLU(), ops.Linear(width, 6 * width, bias=True, device=device, dtype=dtype))
+        self.txt_mod = nn.Sequential(nn.SiLU(), ops.Linear(width, 6 * width, bias=True, device=device, dtype=dtype))
+        self.attn = JointAttention(config, ops, device=device, dtype=dtype)
+        self.img_mlp = FeedForward(width, ops, device=device, dtype=dtype)
+        self.txt_mlp = FeedForward(width, ops, device=device, dtype=dtype)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, silu_temb: torch.Tensor, img_sizes: Sequence[int],
+                rope: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update ``img`` and ``txt`` in place and return them.  ``silu_temb`` holds one row block per image
+        token segment (``img_sizes``); the text uses the first."""
+        batch, width = txt.shape[0], img.shape[-1]
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _mod_params(self.img_mod[1], silu_temb,
+                                                                                len(img_sizes))
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _mod_params(self.txt_mod[1], silu_temb[:batch], 1)
+        txt_sizes = (txt.shape[1],)
+
+        img_in = _modulate(F.layer_norm(img, (width,), eps=_EPS), i_shift1, i_scale1, img_sizes)
+        txt_in = _modulate(F.layer_norm(txt, (width,), eps=_EPS), t_shift1, t_scale1, txt_sizes)
+        img_attn, txt_attn = self.attn(img_in, txt_in, rope, mask)
+        del img_in, txt_in
+        _gated_add_(img, i_gate1, img_attn, img_sizes)
+        _gated_add_(txt, t_gate1, txt_attn, txt_sizes)
+        del img_attn, txt_attn
+
+        img_in = _modulate(F.layer_norm(img, (width,), eps=_EPS), i_shift2, i_scale2, img_sizes)
+        _gated_add_(img, i_gate2, self.img_mlp(img_in), img_sizes)
+        del img_in
+        txt_in = _modulate(F.layer_norm(txt, (width,), eps=_EPS), t_shift2, t_scale2, txt_sizes)
+        _gated_add_(txt, t_gate2, self.txt_mlp(txt_in), txt_sizes)
+
+        if img.dtype == torch.float16:  # Qwen activations exceed the fp16 range
+            img.clamp_(-65504, 65504)
+            txt.clamp_(-65504, 65504)
+        return img, txt
+
+
+class OutputNorm(nn.Module):
+    """AdaLN before ``proj_out``; its modulation chunks are ``(scale, shift)``."""
+
+    def __init__(self, width: int, ops, device=None, dtype=None):
+        super().__init__()
+        self.linear = ops.Linear(width, 2 * width, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(silu_temb)[:, None, :].chunk(2, dim=-1)
+        return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=_EPS), scale + 1)
+
+
+class QwenImageDiT(nn.Module):
+    """Qwen-Image MMDiT.  Call ``dit(x, timestep, context, context_mask=None, ref_latents=None, control=None)``.
+
+    Build on ``device="meta"`` and fill with :func:`models.weights.assign_weights` (see
+    :func:`models.dit_loader.load_diffusion_model`).
+    """
+
+    def __init__(self, config: DiTConfig, compute_dtype: torch.dtype = torch.float32, ops=CastOps,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        width = config.width
+        factory = {"device": device, "dtype": dtype}
+        self.time_text_embed = TimeTextEmbed(width, ops, **factory)
+        self.txt_norm = ops.RMSNorm(config.joint_dim, eps=_EPS, **factory)
+        self.img_in = ops.Linear(config.in_channels, width, bias=True, **factory)
+        self.txt_in = ops.Linear(config.joint_dim, width, bias=True, **factory)
+        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(config, ops, **factory)
+                                                for _ in range(config.depth))
+        self.norm_out = OutputNorm(width, ops, **factory)
+        self.proj_out = ops.Linear(width, config.patch_size ** 2 * config.out_channels, bias=True, **factory)
+        self.rope = MSRoPE(config.axes_dim, config.rope_theta)
+
+    def _pack(self, latent: torch.Tensor, batch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        p = self.config.patch_size
+        if latent.ndim != 4 or latent.shape[1] * p * p != self.config.in_channels:
+            raise ValueError(f"expected a latent [B, {self.config.in_channels // (p * p)}, H, W], "
+                             f"got shape {tuple(latent.shape)}")
+        if latent.shape[0] != batch:
+            if latent.shape[0] != 1:
+                raise ValueError(f"latent batch {latent.shape[0]} does not match the batch {batch}")
+            latent = latent.expand(batch, -1, -1, -1)
+        return pack_latent(latent.to(self.compute_dtype), p), (latent.shape[2] // p, latent.shape[3] // p)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None, ref_latents: Sequence[torch.Tensor] | None = None,
+                control: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Velocity ``[B, 16, H, W]`` (in ``x``'s dtype) for the target latent ``x``.
+
+        ``timestep``: sigma in [0, 1], ``[B]`` or scalar.  ``context [B, L, joint_dim]`` with an optional
+        ``context_mask [B, L]`` (1 keep, 0 padding).  ``ref_latents``: edit references ``[B or 1, 16, h, w]``
+        (even sizes), appended after the target tokens.  ``control``: residuals ``[B, N_target_tokens, width]``,
+        sample ``i // ceil(depth / len(control))`` added to the target tokens after block ``i``.
+        """
+        batch, _, height, width = x.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent height and width must be multiples of {p}, got {height}x{width}")
+        for ref in ref_latents or ():
+            if ref.shape[-2] % p or ref.shape[-1] % p:
+                raise ValueError(f"reference latent sizes must be multiples of {p}, got {tuple(ref.shape)}")
+        device, dtype = x.device, self.compute_dtype
+
+        img, grid = self._pack(x, batch)
+        grids, target_tokens = [grid], img.shape[1]
+        if ref_latents:
+            packed = [img]
+            for ref in ref_latents:
+                tokens, ref_grid = self._pack(ref.to(device), batch)
+                packed.append(tokens)
+                grids.append(ref_grid)
+            img = torch.cat(packed, dim=1)
+        zero_cond = self.config.zero_cond_t and img.shape[1] > target_tokens
+        # Token segments with their own modulation; Edit-2511 modulates the references with t = 0.
+        img_sizes = [target_tokens, img.shape[1] - target_tokens] if zero_cond else [img.shape[1]]
+
+        sigma = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+        if zero_cond:
+            sigma = torch.cat([sigma, torch.zeros_like(sigma)])
+        temb = self.time_text_embed.timestep_embedder(timestep_sinusoid(sigma).to(dtype))
+        silu_temb = F.silu(temb)
+
+        img = self.img_in(img)
+        txt = self.txt_in(self.txt_norm(context.to(device=device, dtype=dtype)))
+        rope = self.rope(grids, txt.shape[1], device, dtype)
+        mask = None
+        if context_mask is not None:
+            keep = context_mask.to(device=device, dtype=torch.bool)
+            if not bool(keep.all()):
+                image_keep = keep.new_ones(batch, img.shape[1])
+                mask = torch.cat([keep, image_keep], dim=1)[:, None, None, :]
+
+        interval = math.ceil(len(self.transformer_blocks) / len(control)) if control else 0
+        for index, block in enumerate(self.transformer_blocks):
+            img, txt = block(img, txt, silu_temb, img_sizes, rope, mask)
+            if control:
+                residual = control[index // interval]
+                if residual is not None:
+                    img[:, :target_tokens] += residual.to(device=device, dtype=dtype)
+
+        out = self.proj_out(self.norm_out(img[:, :target_tokens], silu_temb[:batch]))
+        return unpack_latent(out, height, width, p).to(x.dtype)

@@ -1,0 +1,97 @@
+"""MSRoPE: the multimodal scalable rotary position embedding of the Qwen-Image DiT.
+
+Every token gets a position on three axes (frame, height, width); each axis owns a slice of the head dimension
+(``axes_dim``, e.g. 16 + 56 + 56 = 128) and rotates interleaved pairs ``(2k, 2k+1)`` of its slice by
+``position * theta ** (-2k / axis_dim)``.
+
+Positions (as the diffusers reference computes them):
+
+* image ``i`` (target ``i = 0``, edit references ``1..n``) with a patch grid ``(h, w)``: frame ``i``, rows
+  ``-(h - h//2) .. h//2 - 1``, columns ``-(w - w//2) .. w//2 - 1`` (centred; for odd sizes one more negative
+  position than positive), row-major;
+* text token ``j``: ``m + j`` on all three axes, with ``m = max over all images of max(h//2, w//2)``.
+
+The rotation table is computed in float32 exactly like the reference (``fp32 angle = position * fp32
+frequency``) so fp32 runs agree to rounding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["msrope_positions", "rope_table", "apply_rope", "MSRoPE"]
+
+Grid = tuple[int, int]
+
+
+def _centred(n: int) -> torch.Tensor:
+    return torch.arange(-(n - n // 2), n // 2, dtype=torch.int64)
+
+
+def msrope_positions(image_grids: Sequence[Grid], text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer positions ``(text [text_len, 3], images [sum h*w, 3])`` for the given patch grids (target first)."""
+    if not image_grids:
+        raise ValueError("MSRoPE needs at least the target image grid.")
+    image_parts = []
+    for index, (h, w) in enumerate(image_grids):
+        rows = _centred(h)[:, None].expand(h, w)
+        cols = _centred(w)[None, :].expand(h, w)
+        frame = torch.full((h, w), index, dtype=torch.int64)
+        image_parts.append(torch.stack([frame, rows, cols], dim=-1).reshape(h * w, 3))
+    text_start = max(max(h // 2, w // 2) for h, w in image_grids)
+    text = torch.arange(text_start, text_start + text_len, dtype=torch.int64)[:, None].expand(text_len, 3)
+    return text, torch.cat(image_parts, dim=0)
+
+
+def rope_table(positions: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
+    """Rotation table ``[L, 1, D/2, 2, 2]`` (float32) for integer ``positions [L, 3]``.
+
+    Entry ``[..., k, :, 0]`` is ``(cos, sin)`` and ``[..., k, :, 1]`` is ``(-sin, cos)`` for pair ``k``: the pair
+    ``(x0, x1)`` becomes ``t[..., 0] * x0 + t[..., 1] * x1`` (see :func:`apply_rope`).  The middle singleton
+    broadcasts over heads.
+    """
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        if dim % 2:
+            raise ValueError(f"RoPE axis dimensions must be even, got {tuple(axes_dim)}.")
+        inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles.append(positions[:, axis].to(torch.float32)[:, None] * inv_freq[None, :])
+    angle = torch.cat(angles, dim=-1)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    table = torch.stack([torch.stack([cos, sin], dim=-1), torch.stack([-sin, cos], dim=-1)], dim=-1)
+    return table.unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, L, H, D]`` by ``table [L, 1, D/2, 2, 2]`` (in ``table``'s dtype; cast the table first)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    out = torch.addcmul(table[..., 0] * pairs[..., 0:1], table[..., 1], pairs[..., 1:2])
+    return out.flatten(-2)
+
+
+class MSRoPE:
+    """Caches joint ``[text, images]`` rotation tables per (grids, text length, device, dtype)."""
+
+    def __init__(self, axes_dim: Sequence[int], theta: float = 10000.0, cache_size: int = 8):
+        self.axes_dim = tuple(int(d) for d in axes_dim)
+        self.theta = float(theta)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __call__(self, image_grids: Sequence[Grid], text_len: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """Table for the joint sequence ``[text tokens, target tokens, reference tokens...]``."""
+        key = (tuple(tuple(g) for g in image_grids), int(text_len), torch.device(device), dtype)
+        table = self._cache.get(key)
+        if table is None:
+            text, images = msrope_positions(key[0], text_len)
+            table = rope_table(torch.cat([text, images]), self.axes_dim, self.theta).to(device=device, dtype=dtype)
+            self._cache[key] = table
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return table
