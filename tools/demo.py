@@ -82,12 +82,12 @@ def main() -> int:
             print(f"[demo] no node input is called {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         result = host.run(graph, timeout=args.timeout)
-    args.out.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for image in result.images:
-        target = args.out / image.name
-        shutil.copyfile(image, target)
-        saved.append(target.resolve())
+        args.out.mkdir(parents=True, exist_ok=True)
+        saved = []
+        for image in result.images:
+            target = args.out / image.name
+            shutil.copyfile(image, target)
+            saved.append(target.resolve())
     if not saved:
         print("[demo] the workflow ran but saved no image", file=sys.stderr)
         return 1

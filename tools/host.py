@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,8 +124,12 @@ class ComfyHost:
     def __enter__(self) -> "ComfyHost":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if exc_type is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:  # keep the log and outputs of a failed run for inspection
+            print(f"[host] kept {self.workdir} (log: {self.log_path})", file=sys.stderr)
 
     # -- HTTP --------------------------------------------------------------------------------------------------
     @property
@@ -198,6 +203,9 @@ class ComfyHost:
 _INSPECT_PACK = r"""
 import importlib.util, json, sys
 repo, package = sys.argv[1], sys.argv[2]
+sys.argv = ["main.py", "--cpu"]  # host modules read their command line: the same one the harness starts with
+import comfy.options
+comfy.options.enable_args_parsing()
 spec = importlib.util.spec_from_file_location(package, repo + "/__init__.py", submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec)
 sys.modules[package] = pack
