@@ -1,0 +1,71 @@
+"""Image preprocessing for the Qwen2.5-VL vision tower (what the Qwen2-VL image processor does).
+
+Steps: size rounded to multiples of 28 (patch 14 x merge 2) within ``min_pixels`` / ``max_pixels``
+(:func:`smart_resize`), resize if the size changed, CLIP mean/std normalisation, 14x14 patches, each patch
+duplicated into the temporal pair (a still image is a 2-frame clip), patches flattened as ``(channel, frame,
+row, col)`` and ordered merge-window by merge-window (row-major over 2x2 windows, then row-major inside).
+
+Resize kernel: bicubic with antialiasing (``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``,
+half-pixel centres) on the float image, clamped to 0..1.  The HF processor (transformers 5, torchvision backend)
+runs the same kernel on uint8 and rounds to uint8 before normalising, so results differ by at most about one
+uint8 level where a resize happens.  Callers (the diffusers pipelines included) normally pass images whose sides
+are already multiples of 28; then no resize happens and the output equals the HF processor's to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IMAGE_MEAN", "IMAGE_STD", "MIN_PIXELS", "MAX_PIXELS", "smart_resize", "preprocess_image"]
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_PIXELS = 56 * 56  # 3136, Qwen2.5-VL preprocessor_config.json
+MAX_PIXELS = 28 * 28 * 16384  # 12845056
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Nearest size with both sides multiples of ``factor`` and area within [min_pixels, max_pixels]."""
+    if min(height, width) <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image aspect ratio must be below 200, got {height}x{width}")
+    new_h = round(height / factor) * factor
+    new_w = round(width / factor) * factor
+    if new_h * new_w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        new_h = max(factor, math.floor(height / shrink / factor) * factor)
+        new_w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif new_h * new_w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        new_h = math.ceil(height * grow / factor) * factor
+        new_w = math.ceil(width * grow / factor) * factor
+    return new_h, new_w
+
+
+def preprocess_image(image: torch.Tensor, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
+                     min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``[H, W, 3]`` float image in 0..1 -> (patches ``[gh * gw, 3 * T * p * p]`` fp32, patch grid ``(gh, gw)``)."""
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an image of shape [H, W, 3], got {tuple(image.shape)}")
+    x = image.permute(2, 0, 1).to(torch.float32)  # [3, H, W]
+    height, width = x.shape[-2:]
+    new_h, new_w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+        x = x.clamp(0.0, 1.0)
+    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=x.device)[:, None, None]
+    x = (x - mean) / std
+
+    grid_h, grid_w = new_h // patch_size, new_w // patch_size
+    rows, cols = grid_h // merge_size, grid_w // merge_size
+    # [C, rows, merge, p, cols, merge, p] -> [rows, cols, merge(r), merge(c), C, p, p]
+    x = x.reshape(3, rows, merge_size, patch_size, cols, merge_size, patch_size).permute(1, 4, 2, 5, 0, 3, 6)
+    x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal_patch_size, -1, -1)  # the frame pair
+    patches = x.reshape(grid_h * grid_w, 3 * temporal_patch_size * patch_size * patch_size)
+    return patches, (grid_h, grid_w)
