@@ -29,8 +29,6 @@ def load_gguf_state_dict(path: str | os.PathLike, dequantize: bool = True,
     tensors become :class:`models.gguf.layers.QuantizedTensor` (packed bytes, zero-copy over the file's memory
     map) and F32/F16/BF16 tensors are copied out as ordinary tensors in their stored dtype.
     """
-    from .layers import QuantizedTensor  # layers imports this package
-
     reader = GGUFReader(path)
     out: dict[str, torch.Tensor] = {}
     for name, info in reader.tensors.items():
@@ -38,6 +36,8 @@ def load_gguf_state_dict(path: str | os.PathLike, dequantize: bool = True,
         if dequantize:
             out[name] = _dequant.dequantize(raw, info.qtype, info.shape, dtype)
         elif info.is_quantized:
+            from .layers import QuantizedTensor  # layers imports this package
+
             out[name] = QuantizedTensor.wrap(raw, info.qtype, info.shape)
         else:
             stored = _STORED_DTYPE.get(info.qtype, torch.float32)
