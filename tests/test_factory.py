@@ -8,6 +8,7 @@ same seed gives the same bytes; the Wan <-> diffusers VAE names are a bijection 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from safetensors import safe_open
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from models.testing import factory
+from models.weights import open_checkpoint
 from models.testing.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
 from models.vae_keys import diffusers_to_wan, wan_to_diffusers
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = Path("/root/.cache/qip-scratch/comfyui/comfy/text_encoders/qwen25_tokenizer")
 DIT_DTYPES = ["bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2"]
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp8_e4m3fn_scaled": torch.float8_e4m3fn}
@@ -271,6 +274,12 @@ def test_hf_text_encoder_folder_loads_with_from_pretrained(tmp_path):
     hidden, vision = text_encoder_forward(model.eval())
     assert_order_one(hidden, "HF text encoder")
     assert_order_one(vision, "HF vision tower")
+    # config.json describes the tiny configuration: the same weights in a model built from TINY_TEXT /
+    # TINY_VISION compute the same thing (M-RoPE sections, eps, heads, window... all read back correctly).
+    direct = Qwen2_5_VLForConditionalGeneration(tiny_text_config())
+    direct.load_state_dict({transformers5_name(k): v.float() for k, v in file.items()}, strict=True)
+    direct_hidden, direct_vision = text_encoder_forward(direct.eval())
+    assert torch.equal(hidden, direct_hidden) and torch.equal(vision, direct_vision)
 
 
 # ------------------------------------------------------------------------------------------- general properties
@@ -319,6 +328,24 @@ def test_files_are_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary or half-built leftovers
 
 
+@pytest.mark.parametrize("make", [
+    lambda d: factory.make_dit(d, dtype="fp8_e4m3fn_scaled", prefix=True, variant="edit2511"),
+    lambda d: factory.make_dit(d, layout="diffusers"),
+    lambda d: factory.make_vae(d, layout="diffusers", dtype="fp16"),
+    lambda d: factory.make_text_encoder(d, dtype="fp8_e4m3fn_scaled"),
+    lambda d: factory.make_text_encoder(d, layout="hf"),
+])
+def test_project_reader_opens_every_layout(tmp_path, make):
+    path = make(tmp_path)
+    expected = read_folder(path) if path.is_dir() else read_file(path)
+    checkpoint = open_checkpoint(path)
+    assert set(checkpoint) == set(expected)
+    for name, tensor in expected.items():
+        got = checkpoint[name]
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
 def test_make_all_places_files_in_comfy_model_folders(tmp_path):
     paths = factory.make_all(tmp_path, seed=0)
     assert paths == {
@@ -327,3 +354,14 @@ def test_make_all_places_files_in_comfy_model_folders(tmp_path):
         "text_encoder": tmp_path / "text_encoders" / "qwen_2.5_vl_7b.safetensors",
     }
     assert all(p.is_file() for p in paths.values())
+
+
+def test_cli_writes_the_demo_set(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO_ROOT / "tools" / "make_tiny_models.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([str(tmp_path / "models"), "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    for role, path in factory.make_all(tmp_path / "again", seed=5).items():
+        written = tmp_path / "models" / path.relative_to(tmp_path / "again")
+        assert written.read_bytes() == path.read_bytes() and str(written) in printed and role in printed

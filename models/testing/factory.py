@@ -2,7 +2,7 @@
 
 Every function writes files a loader cannot tell apart from the real ones except by size: the same tensor names,
 the real topology (block structure, norms, biases, 3-D convs, the 152064-token vocabulary) with the small widths
-of :mod:`models.testing.configs`, the same dtypes per tensor, and the same container (one Comfy-Org
+of :mod:`models.testing.configs`, the per-tensor dtypes of each variant, and the same container (one Comfy-Org
 ``.safetensors`` file, or a diffusers / transformers folder with ``config.json``, sharded weights and an index).
 
 Weights are random but sensible so parity tests mean something: Linear / conv weights have std
@@ -241,8 +241,8 @@ def _convert(weights: dict[str, torch.Tensor], dtype: str, quantize: set[str]) -
         else:
             out[name] = _to_fp8(tensor, _FP8_DTYPES[dtype])
     if dtype == _SCALED_FP8:
-        # ComfyUI detects scaled fp8 by this key; its dtype names the fp8 format, an empty tensor also turns on
-        # ComfyUI's fp8 matrix-multiply optimisation where the GPU has it (as in Comfy-Org's scaled files).
+        # ComfyUI detects scaled fp8 by this key and takes the fp8 format from its dtype; it writes the key as
+        # an empty tensor itself when saving a scaled model (comfy/model_base.py), which is what this mirrors.
         out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return out
 
@@ -325,7 +325,10 @@ def make_dit(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: str = 
 
     * ``comfy``: one ``.safetensors`` with the diffusers tensor names, optionally all prefixed
       ``model.diffusion_model.``; dtypes ``bf16 fp16 fp32 fp8_e4m3fn fp8_e5m2 fp8_e4m3fn_scaled``.
-    * ``diffusers``: a ``transformer`` folder: ``config.json`` + 3 shards + index (float dtypes only).
+    * ``diffusers``: ``out_dir/qwen_image[_edit_2511]_{dtype}_diffusers/transformer``: ``config.json`` +
+      3 shards ``diffusion_pytorch_model-0000i-of-00003.safetensors`` + index (bf16/fp16/fp32 only).
+    * fp8 files: 2-D Linear weights in fp8, biases and norm weights in bf16 (Comfy-Org's exact choice per tensor
+      could not be checked here; ComfyUI loads either).
     * ``variant="edit2511"``: the Qwen-Image-Edit-2511 flag: the ``__index_timestep_zero__`` marker tensor in a
       Comfy file (what ComfyUI looks for), ``"zero_cond_t": true`` in a diffusers ``config.json``.
     """
@@ -370,7 +373,8 @@ def make_vae(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: str = 
 
     * ``comfy``: one ``.safetensors`` with the original Wan names (``encoder.conv1``, ``encoder.downsamples.N``,
       ``conv1``, ``conv2``, ``decoder.upsamples.N`` ...), as in Comfy-Org's ``qwen_image_vae.safetensors``.
-    * ``diffusers``: a ``vae`` folder: ``config.json`` (AutoencoderKLQwenImage) + ``diffusion_pytorch_model.safetensors``.
+    * ``diffusers``: ``out_dir/qwen_image_vae[_{dtype}]_diffusers/vae``: ``config.json`` (AutoencoderKLQwenImage,
+      with the real latents_mean / latents_std) + ``diffusion_pytorch_model.safetensors``.
     """
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"VAE dtype must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}.")
@@ -433,7 +437,8 @@ def make_text_encoder(out_dir: str | os.PathLike, *, layout: str = "comfy", dtyp
       ``model.embed_tokens``, ``model.norm``, ``lm_head``, ``visual.*``; dtypes ``bf16 fp32 fp8_e4m3fn_scaled``
       (scaled: the Linear layers of the decoder and the vision tower in fp8 with ``scale_weight``; embeddings,
       ``lm_head``, norms, biases and the patch conv in bf16).
-    * ``hf``: a ``text_encoder`` folder like the Qwen/Qwen-Image repository's: ``config.json``, 2 shards
+    * ``hf``: ``out_dir/qwen_2.5_vl_7b_{dtype}_hf/text_encoder``, like the Qwen/Qwen-Image repository's
+      ``text_encoder`` folder: ``config.json``, 2 shards
       ``model-0000i-of-00002.safetensors`` with the same (transformers 4.x) names, and the index.  With
       ``tokenizer_dir``, its ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` are copied alongside.
     """
