@@ -1,0 +1,564 @@
+"""The Qwen-Image VAE (Wan 2.1 architecture) for single images, in pure torch.
+
+The Wan VAE is a causal video VAE; Qwen-Image only ever feeds it one frame, and a batch of images is a batch of
+independent one-frame videos (never one video: the host's own VAE gets that wrong).  For one frame every causal
+3D convolution sees ``kernel_t - 1`` zero frames in front of the data, so it equals a 2D convolution with the last
+temporal slice of its kernel; the temporal down/upsampling convolutions (``time_conv``) are skipped for the first
+frame of a video and never run.  This module computes exactly that in 2D (channels-last), while keeping every
+parameter with the name and shape stored in the checkpoints (original Wan names, as in ComfyUI's
+``qwen_image_vae.safetensors``), so files map 1:1 and a host's weight patching / offloading applies unchanged.
+Memory: the unused temporal taps stay loaded (the 3x3x3 kernels are kept whole, about 2/3 of the conv weights:
+~330 MB in fp32, ~165 MB in bf16 for the real 127 M-parameter VAE); the slice is taken at compute time.
+
+Public API::
+
+    vae = load_vae(path, dtype=torch.float32, device="cpu", ops=None)
+    z = vae.encode(images)          # [B, H, W, 3] in 0..1 -> [B, 16, H/8, W/8] latent mean (not normalized)
+    images = vae.decode(z)          # -> [B, H, W, 3] in 0..1
+    vae.normalize(z), vae.denormalize(z)
+
+Large images are tiled (see :mod:`models.vae_tiling`): automatically when the untiled call would not fit in the
+free memory of the device or runs out of memory, or on request (``tiled=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import CastOps
+from .vae_keys import diffusers_to_wan
+from .vae_tiling import available_memory, plan_tiles, run_tiled
+from .weights import WeightFileError, assign_weights, open_checkpoint
+
+__all__ = ["QwenImageVAE", "load_vae", "LATENTS_MEAN", "LATENTS_STD"]
+
+# Per-channel statistics of the raw latents (diffusers config latents_mean / latents_std).
+LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+SPATIAL_FACTOR = 8
+EXPECTED_FILE = "qwen_image_vae.safetensors in models/vae"
+
+# Context each tile needs beyond its core so that tiling is exact: the receptive field of the local (tiled) part.
+# Decoder tail (latent units): 6 convs at 1x, 1+6 at 2x, 1+6 at 4x, 1+6+1 at 8x -> 6 + 3.5 + 1.75 + 1 = 12.25.
+DECODE_MIN_OVERLAP = 13
+# Encoder front (pixels): 5 convs at 1x, then 4 per level at 2x/4x/8x, each stride-2 conv halving the damage
+# (plus the one-pixel right/bottom zero pad): at most 9 latent rows = 72 px (tiles are bitwise equal from there).
+ENCODE_MIN_OVERLAP = 72
+DEFAULT_DECODE_TILE = 64   # latent units (512 px cores)
+DEFAULT_ENCODE_TILE = 512  # pixels
+MIN_DECODE_TILE = 16
+MIN_ENCODE_TILE = 128
+
+# Peak activation bytes of an untiled call, per (pixel x base_dim x element size): calibrated with
+# bench/bench_vae.py (measured ~3.9 decode / ~3.0 encode in fp32 on CPU), plus headroom.
+_DECODE_BYTES_FACTOR = 5.0
+_ENCODE_BYTES_FACTOR = 4.0
+_MEMORY_SAFETY = 0.85
+# Attention scores of one query chunk are kept under this many elements (bounded memory whatever the backend).
+_ATTENTION_SCORE_ELEMENTS = 1 << 28
+
+Progress = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------
+_LAYER_CLASSES: dict[int, tuple[type, type]] = {}
+
+
+def _layer_classes(ops) -> tuple[type, type]:
+    """The single-frame causal conv and the fused upsampling conv, built on ``ops`` (cached per namespace).
+
+    Both override ``_conv_forward(x, weight, bias)``: torch's and ComfyUI's conv layers cast / patch / offload
+    the weight in ``forward`` and then call it, so the host's machinery keeps working.
+    """
+    key = id(ops)
+    if key not in _LAYER_CLASSES:
+
+        class FrameConv(ops.Conv3d):
+            """A causal 3D conv applied to one frame: a 2D conv with the kernel's last temporal slice."""
+
+            def __init__(self, in_ch: int, out_ch: int, kernel: int, padding: int = 0, **factory):
+                super().__init__(in_ch, out_ch, kernel, **factory)
+                self.spatial_padding = padding
+
+            def _conv_forward(self, x, weight, bias):
+                return F.conv2d(x, weight[:, :, -1], bias, 1, self.spatial_padding)
+
+        class UpsampleConv(ops.Conv2d):
+            """Nearest 2x upsampling followed by a 3x3 conv (padding 1), fused into one stride-2 transposed conv.
+
+            Along each axis, output ``2i`` sees ``w0 x[i-1] + (w1 + w2) x[i]`` and ``2i+1`` sees
+            ``(w0 + w1) x[i] + w2 x[i+1]``: a 4-tap transposed-conv kernel ``[w2, w1+w2, w0+w1, w0]``.  Same maths
+            (up to float summation order), 4/9 of the multiply-adds, and no 4x-sized upsampled tensor in memory.
+            """
+
+            def _conv_forward(self, x, weight, bias):
+                combine = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
+                                       device=weight.device)
+                kernel = torch.einsum("ai,bj,ocij->coab", combine, combine, weight.float()).to(x.dtype)
+                return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
+
+        _LAYER_CLASSES[key] = (FrameConv, UpsampleConv)
+    return _LAYER_CLASSES[key]
+
+
+class RMSNorm(nn.Module):
+    """L2-normalise over channels, times ``sqrt(C) * gamma`` (per pixel: no spatial statistics)."""
+
+    def __init__(self, dim: int, gamma_shape: tuple[int, ...], device=None, dtype=None):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.empty(gamma_shape, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        # The norm in fp32 (as the reference does for half types); eps as F.normalize.
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        inverse = (self.scale / norm.clamp_min_(1e-12)).to(x.dtype)
+        gamma = self.gamma.to(device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+        return (x.mul_(inverse) if inplace else x * inverse).mul_(gamma)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, ops, device=None, dtype=None):
+        super().__init__()
+        conv, _ = _layer_classes(ops)
+        factory = {"device": device, "dtype": dtype}
+        # Indexed like the original nn.Sequential(norm, SiLU, conv, norm, SiLU, Dropout, conv): the stored names
+        # are residual.{0,2,3,6}; positions 1, 4, 5 hold no weights.
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, (in_dim, 1, 1, 1), **factory), nn.SiLU(), conv(in_dim, out_dim, 3, padding=1, **factory),
+            RMSNorm(out_dim, (out_dim, 1, 1, 1), **factory), nn.SiLU(), nn.Identity(),
+            conv(out_dim, out_dim, 3, padding=1, **factory))
+        self.shortcut = conv(in_dim, out_dim, 1, **factory) if in_dim != out_dim else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = conv1(F.silu(norm1(x), inplace=True))
+        h = conv2(F.silu(norm2(h, inplace=True), inplace=True))
+        return h.add_(x if self.shortcut is None else self.shortcut(x))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-head softmax attention [B, N, C], queries in chunks so the score matrix stays bounded."""
+    q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    chunk = max(1, _ATTENTION_SCORE_ELEMENTS // k.shape[2])
+    if chunk >= q.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v).squeeze(1)
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[2], chunk):
+        out[:, :, start:start + chunk] = F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v)
+    return out.squeeze(1)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all pixels of one frame, with a residual connection."""
+
+    def __init__(self, dim: int, ops, device=None, dtype=None):
+        super().__init__()
+        self.norm = RMSNorm(dim, (dim, 1, 1), device=device, dtype=dtype)
+        self.to_qkv = ops.Conv2d(dim, dim * 3, 1, device=device, dtype=dtype)
+        self.proj = ops.Conv2d(dim, dim, 1, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.to_qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, 3 * c)
+        q, k, v = (t.contiguous() for t in qkv.chunk(3, dim=-1))
+        del qkv
+        out = _attention(q, k, v).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.proj(out).add_(x)
+
+
+class Resample(nn.Module):
+    """Spatial 2x down- or upsampling.  ``*3d`` modes also hold a ``time_conv``, which a first frame never uses."""
+
+    def __init__(self, dim: int, mode: str, ops, device=None, dtype=None):
+        super().__init__()
+        _, upsample_conv = _layer_classes(ops)
+        factory = {"device": device, "dtype": dtype}
+        self.upsample = mode.startswith("up")
+        # Stored as resample.1; position 0 was the nn.Upsample / nn.ZeroPad2d of the original.
+        if self.upsample:
+            self.resample = nn.Sequential(nn.Identity(), upsample_conv(dim, dim // 2, 3, **factory))
+        else:
+            self.resample = nn.Sequential(nn.Identity(), ops.Conv2d(dim, dim, 3, stride=2, **factory))
+        if mode == "upsample3d":
+            self.time_conv = ops.Conv3d(dim, dim * 2, (3, 1, 1), **factory)
+        elif mode == "downsample3d":
+            self.time_conv = ops.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            return self.resample[1](x)
+        # Zero pad right and bottom by one, then a 3x3 stride-2 conv without padding.
+        return self.resample[1](F.pad(x, (0, 1, 0, 1)))
+
+
+def _middle(dim: int, ops, factory: dict) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim, ops, **factory), AttentionBlock(dim, ops, **factory),
+                         ResidualBlock(dim, dim, ops, **factory))
+
+
+def _head(dim: int, out_ch: int, ops, factory: dict) -> nn.Sequential:
+    conv, _ = _layer_classes(ops)
+    # Stored as head.0 (norm) and head.2 (conv); position 1 was the SiLU.
+    return nn.Sequential(RMSNorm(dim, (dim, 1, 1, 1), **factory), nn.SiLU(), conv(dim, out_ch, 3, padding=1, **factory))
+
+
+def _run_head(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    norm, _, conv = head
+    return conv(F.silu(norm(x, inplace=True), inplace=True))
+
+
+class Encoder(nn.Module):
+    def __init__(self, dim: int, out_ch: int, dim_mult, num_res_blocks: int, temporal, ops, device=None, dtype=None):
+        super().__init__()
+        conv, _ = _layer_classes(ops)
+        factory = {"device": device, "dtype": dtype}
+        dims = [dim * m for m in [1, *dim_mult]]
+        self.conv1 = conv(3, dims[0], 3, padding=1, **factory)
+        blocks: list[nn.Module] = []
+        for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim, ops, **factory))
+                in_dim = out_dim
+            if level != len(dim_mult) - 1:
+                blocks.append(Resample(out_dim, "downsample3d" if temporal[level] else "downsample2d", ops, **factory))
+        self.downsamples = nn.Sequential(*blocks)
+        self.middle = _middle(dims[-1], ops, factory)
+        self.head = _head(dims[-1], out_ch, ops, factory)
+
+    def local_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] -> features at latent resolution (convolutions only: tileable)."""
+        x = self.conv1(x)
+        for block in self.downsamples:
+            x = block(x)
+        return x
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent-resolution features -> mean and log-variance (contains the global attention)."""
+        for block in self.middle:
+            x = block(x)
+        return _run_head(self.head, x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int, temporal, ops, device=None, dtype=None):
+        super().__init__()
+        conv, _ = _layer_classes(ops)
+        factory = {"device": device, "dtype": dtype}
+        dims = [dim * m for m in [dim_mult[-1], *dim_mult[::-1]]]
+        self.conv1 = conv(z_dim, dims[0], 3, padding=1, **factory)
+        self.middle = _middle(dims[0], ops, factory)
+        blocks: list[nn.Module] = []
+        for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if level > 0:
+                in_dim //= 2  # the previous upsampler halved the channels
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim, ops, **factory))
+                in_dim = out_dim
+            if level != len(dim_mult) - 1:
+                blocks.append(Resample(out_dim, "upsample3d" if temporal[level] else "upsample2d", ops, **factory))
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = _head(dims[-1], 3, ops, factory)
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> latent-resolution features (contains the global attention)."""
+        x = self.conv1(z)
+        for block in self.middle:
+            x = block(x)
+        return x
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent-resolution features -> pixels in [-1, 1]-ish (convolutions only: tileable)."""
+        for block in self.upsamples:
+            x = block(x)
+        return _run_head(self.head, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The VAE
+# ---------------------------------------------------------------------------------------------------------------
+class QwenImageVAE(nn.Module):
+    """Qwen-Image / Wan 2.1 VAE for single images.  Parameters carry the original Wan names.
+
+    ``memory_budget`` (callable ``device -> bytes`` or ``None``) decides automatic tiling; by default the device's
+    free memory (CUDA) or available RAM (CPU).
+    """
+
+    def __init__(self, base_dim: int = 96, z_dim: int = 16, dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
+                 temporal_downsample=(False, True, True), ops=None, device=None, dtype=None):
+        super().__init__()
+        ops = ops or CastOps
+        conv, _ = _layer_classes(ops)
+        factory = {"device": device, "dtype": dtype}
+        self.base_dim, self.z_dim = base_dim, z_dim
+        self.dtype = dtype or torch.float32
+        self.encoder = Encoder(base_dim, 2 * z_dim, dim_mult, num_res_blocks, temporal_downsample, ops, **factory)
+        self.conv1 = conv(2 * z_dim, 2 * z_dim, 1, **factory)
+        self.conv2 = conv(z_dim, z_dim, 1, **factory)
+        self.decoder = Decoder(base_dim, z_dim, dim_mult, num_res_blocks, temporal_downsample[::-1], ops, **factory)
+        self.memory_budget: Callable[[torch.device], int] | None = None
+
+    # -- placement ---------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    def _budget(self, device: torch.device) -> int:
+        if self.memory_budget is not None:
+            return self.memory_budget(device)
+        return int(available_memory(device) * _MEMORY_SAFETY)
+
+    # -- latent normalisation ----------------------------------------------------------------------------------
+    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.z_dim) + (1,) * (z.ndim - 2)
+        mean = torch.tensor(LATENTS_MEAN, device=z.device, dtype=z.dtype).reshape(shape)
+        std = torch.tensor(LATENTS_STD, device=z.device, dtype=z.dtype).reshape(shape)
+        return mean, std
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the diffusion model's latent space: ``(z - mean) / std`` per channel (dim 1)."""
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize`: ``z * std + mean``."""
+        mean, std = self._stats(z)
+        return z * std + mean
+
+    # -- memory estimates --------------------------------------------------------------------------------------
+    def _element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def _latent_stage_bytes(self, batch: int, height: int, width: int) -> int:
+        """Activations of the global (latent-resolution) part: ~10 tensors of 4 x base_dim channels."""
+        pixels = batch * (height // SPATIAL_FACTOR) * (width // SPATIAL_FACTOR)
+        return 10 * 4 * self.base_dim * pixels * self._element_size()
+
+    def estimate_decode_bytes(self, batch: int, height: int, width: int) -> int:
+        """Peak activation bytes of an untiled decode to ``batch`` images of ``height`` x ``width`` pixels."""
+        local = _DECODE_BYTES_FACTOR * self.base_dim * batch * height * width * self._element_size()
+        return int(local) + self._latent_stage_bytes(batch, height, width)
+
+    def estimate_encode_bytes(self, batch: int, height: int, width: int) -> int:
+        """Peak activation bytes of an untiled encode of ``batch`` images of ``height`` x ``width`` pixels."""
+        local = _ENCODE_BYTES_FACTOR * self.base_dim * batch * height * width * self._element_size()
+        return int(local) + self._latent_stage_bytes(batch, height, width)
+
+    # -- encode ------------------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
+               tile_overlap: int | None = None, progress: Progress | None = None) -> torch.Tensor:
+        """Images [B, H, W, C>=3] in 0..1 (H, W multiples of 8) -> raw latent mean [B, 16, H/8, W/8] (float32).
+
+        ``tiled``: ``None`` tiles only when the untiled call would not fit (or runs out of memory), ``True`` /
+        ``False`` force it.  ``tile_size`` / ``tile_overlap`` in pixels (multiples of 8; default 512 / 72):
+        core size of a tile and the context it sees on every side; the overlap is raised to the receptive field
+        (72 px), which makes tiled and untiled results equal.  ``progress(done, total)`` is called per tile (or
+        per batch chunk when untiled).
+        """
+        if images.ndim != 4 or images.shape[-1] < 3:
+            raise ValueError(f"images must be [B, H, W, 3] (got shape {tuple(images.shape)}).")
+        batch, height, width = images.shape[:3]
+        if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
+            raise ValueError(f"image size {width}x{height} is not a multiple of {SPATIAL_FACTOR} in both sides.")
+        tile = _round_up(tile_size or DEFAULT_ENCODE_TILE, SPATIAL_FACTOR)
+        overlap = max(ENCODE_MIN_OVERLAP, _round_up(tile_overlap or 0, SPATIAL_FACTOR))
+        with torch.no_grad():
+            x = images[..., :3].to(device=self.device, dtype=self.dtype).permute(0, 3, 1, 2)
+            x = (x * 2 - 1).contiguous(memory_format=torch.channels_last)
+            z = self._dispatch(
+                x, tiled, tile, MIN_ENCODE_TILE, SPATIAL_FACTOR, progress,
+                estimate=lambda n: self.estimate_encode_bytes(n, height, width),
+                untiled=self._encode_untiled,
+                tiled_fn=lambda image, size, step: self._encode_tiled(image, size, overlap, step))
+        return z.float().contiguous()
+
+    def _encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mean(self.encoder.finish(self.encoder.local_features(x)))
+
+    def _encode_tiled(self, x: torch.Tensor, tile: int, overlap: int, step: Callable[[], None]) -> torch.Tensor:
+        tiles = plan_tiles(x.shape[2], x.shape[3], tile, overlap, SPATIAL_FACTOR)
+        features = run_tiled(self.encoder.local_features, x, tiles, (1, SPATIAL_FACTOR), step)
+        return self._mean(self.encoder.finish(features))
+
+    def _mean(self, moments: torch.Tensor) -> torch.Tensor:
+        return self.conv1(moments)[:, :self.z_dim]
+
+    # -- decode ------------------------------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
+               tile_overlap: int | None = None, progress: Progress | None = None) -> torch.Tensor:
+        """Raw latents [B, 16, h, w] (or [B, 16, 1, h, w]) -> images [B, 8h, 8w, 3] in 0..1 (float32).
+
+        ``tiled`` as in :meth:`encode`; ``tile_size`` / ``tile_overlap`` in latent units (default 64 / 13); the
+        overlap is raised to the receptive field (13), which makes tiled and untiled results equal.
+        """
+        if z.ndim == 5:
+            if z.shape[2] != 1:
+                raise ValueError(f"expected image latents (one frame), got {z.shape[2]} frames.")
+            z = z[:, :, 0]
+        if z.ndim != 4 or z.shape[1] != self.z_dim:
+            raise ValueError(f"latents must be [B, {self.z_dim}, h, w] (got shape {tuple(z.shape)}).")
+        batch, _, height, width = z.shape
+        tile = tile_size or DEFAULT_DECODE_TILE
+        overlap = max(DECODE_MIN_OVERLAP, tile_overlap or 0)
+        with torch.no_grad():
+            z = z.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+            x = self._dispatch(
+                z, tiled, tile, MIN_DECODE_TILE, 1, progress,
+                estimate=lambda n: self.estimate_decode_bytes(n, height * SPATIAL_FACTOR, width * SPATIAL_FACTOR),
+                untiled=lambda latents: self.decoder.tail(self.decoder.trunk(self.conv2(latents))),
+                tiled_fn=lambda latents, size, step: self._decode_tiled(latents, size, overlap, step))
+            x = x.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)
+        return x.permute(0, 2, 3, 1).float().contiguous()
+
+    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int, step: Callable[[], None]) -> torch.Tensor:
+        features = self.decoder.trunk(self.conv2(z))
+        tiles = plan_tiles(z.shape[2], z.shape[3], tile, overlap)
+        return run_tiled(self.decoder.tail, features, tiles, (SPATIAL_FACTOR, 1), step)
+
+    # -- tiling policy -----------------------------------------------------------------------------------------
+    def _dispatch(self, x: torch.Tensor, tiled: bool | None, tile: int, min_tile: int, align: int,
+                  progress: Progress | None, *,
+                  estimate: Callable[[int], int], untiled: Callable[[torch.Tensor], torch.Tensor],
+                  tiled_fn: Callable[[torch.Tensor, int, Callable[[], None]], torch.Tensor]) -> torch.Tensor:
+        """Run ``untiled`` on batch chunks that fit the memory budget, else ``tiled_fn`` image by image.
+
+        Out of memory untiled falls back to tiling; out of memory tiled halves the tile size (down to
+        ``min_tile``, keeping multiples of ``align``) and starts over.
+        """
+        batch = x.shape[0]
+        if tiled is not True:
+            per_call = batch
+            if tiled is None:
+                budget = self._budget(x.device)
+                per_call = batch if estimate(batch) <= budget else (1 if estimate(1) <= budget else 0)
+            if per_call:
+                try:
+                    return _in_chunks(untiled, x, per_call, progress)
+                except torch.OutOfMemoryError:
+                    if tiled is False:
+                        raise
+                _release_cached_memory(x.device)
+        while True:
+            try:
+                return self._tiled_batch(x, tile, tiled_fn, progress)
+            except torch.OutOfMemoryError:
+                if tile // 2 < min_tile:
+                    raise
+            _release_cached_memory(x.device)
+            tile = _round_up(tile // 2, align)
+
+    @staticmethod
+    def _tiled_batch(x: torch.Tensor, tile: int, tiled_fn, progress: Progress | None) -> torch.Tensor:
+        """Tile each image of the batch; ``progress`` counts tiles over the whole batch."""
+        per_image = len(plan_tiles(x.shape[2], x.shape[3], tile, 0))
+        total, done = per_image * x.shape[0], 0
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        return torch.cat([tiled_fn(x[i:i + 1], tile, step) for i in range(x.shape[0])])
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int,
+               progress: Progress | None) -> torch.Tensor:
+    chunks = x.split(size)
+    outputs = []
+    for index, chunk in enumerate(chunks):
+        outputs.append(fn(chunk))
+        if progress is not None:
+            progress(index + 1, len(chunks))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+_PREFIXES = ("", "vae.", "first_stage_model.")
+
+
+def _refuse(source, found: str) -> WeightFileError:
+    return WeightFileError(
+        f"{source}: {found}. This loader needs the Qwen-Image VAE (Wan 2.1 architecture, 16 latent channels, "
+        f"3D convolutions): {EXPECTED_FILE}, or a diffusers 'vae' folder of Qwen-Image. Pick that file instead.")
+
+
+def _identify(shapes: Mapping[str, tuple[int, ...]], source) -> tuple[str, str]:
+    """(layout, prefix) of a Qwen-Image VAE checkpoint, layout ``"wan"`` or ``"diffusers"``; refuses others."""
+    for prefix in _PREFIXES:
+        for layout, first, last in (("wan", "encoder.conv1.weight", "conv2.weight"),
+                                    ("diffusers", "encoder.conv_in.weight", "post_quant_conv.weight")):
+            conv_in = shapes.get(prefix + first)
+            if conv_in is None:
+                continue
+            if len(conv_in) == 4:
+                latent = shapes.get(prefix + "quant_conv.weight", shapes.get(prefix + "encoder.conv_out.weight"))
+                channels = latent[0] // 2 if latent else "unknown"
+                kind = {4: "an SD 1.x / SDXL-style VAE", 16: "a Flux / SD3-style VAE"}.get(channels, "a 2D image VAE")
+                raise _refuse(source, f"found {kind} ({channels} latent channels, 2D convolutions)")
+            post = shapes.get(prefix + last)
+            z_dim = post[0] if post else None
+            if z_dim == 48:
+                raise _refuse(source, "found the Wan 2.2 VAE (48 latent channels)")
+            if z_dim != 16 or len(conv_in) != 5 or conv_in[1] != 3:
+                raise _refuse(source, f"found a video VAE with {z_dim} latent channels and input conv {conv_in}")
+            return layout, prefix
+    if any(name.startswith(("encoder.down.", "decoder.up.")) for name in shapes):
+        raise _refuse(source, "found an SD-style 2D VAE (original LDM names)")
+    examples = ", ".join(list(shapes)[:3])
+    raise _refuse(source, f"found no VAE tensors (names like {examples})")
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: str | torch.device = "cpu",
+             ops=None) -> QwenImageVAE:
+    """Load the Qwen-Image VAE from a ComfyUI single file (original Wan names), a diffusers ``vae`` folder
+    (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a single diffusers-named file.
+
+    Weights are stored and computed in ``dtype`` (bf16 / fp16 / fp32 files accepted).  ``ops`` is the layer
+    namespace (default :class:`models.ops.CastOps`).  Other VAEs (SD / SDXL / Flux, Wan 2.2) are refused with a
+    :class:`~models.weights.WeightFileError`.
+    """
+    checkpoint = open_checkpoint(path)
+    shapes = {name: tuple(checkpoint.shape(name)) for name in checkpoint}
+    layout, prefix = _identify(shapes, checkpoint.source)
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return name  # reported as unexpected by assign_weights
+        name = name[len(prefix):]
+        return diffusers_to_wan(name) if layout == "diffusers" else name
+
+    wan_shapes = {rename(name): shape for name, shape in shapes.items()}
+    config = {
+        "base_dim": wan_shapes["encoder.conv1.weight"][0],
+        "z_dim": wan_shapes["conv2.weight"][0],
+        "temporal_downsample": tuple(f"encoder.downsamples.{i}.time_conv.weight" in wan_shapes for i in (2, 5, 8)),
+    }
+    with torch.device("meta"):
+        model = QwenImageVAE(**config, ops=ops, dtype=dtype)
+    assign_weights(model, checkpoint, dtype=dtype, rename=rename,
+                   what=f"{checkpoint.source} (loaded as the Qwen-Image VAE, expected {EXPECTED_FILE})")
+    model.eval()
+    return model.to(device)
