@@ -206,6 +206,7 @@ repo, package = sys.argv[1], sys.argv[2]
 sys.argv = ["main.py", "--cpu"]  # host modules read their command line: the same one the harness starts with
 import comfy.options
 comfy.options.enable_args_parsing()
+import folder_paths  # the host imports it before custom nodes; the pack checks for it
 spec = importlib.util.spec_from_file_location(package, repo + "/__init__.py", submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec)
 sys.modules[package] = pack
