@@ -1,0 +1,144 @@
+"""Our DiT as the host's MODEL: a BaseModel-compatible wrapper inside a ModelPatcher.
+
+The host then samples it with its own samplers (KSampler, SamplerCustom...), loads / offloads / partially loads it
+(our layers are built from the host's ``comfy.ops`` so its per-layer casting applies), applies LoRA patches from
+its loaders to our weights (parameter names are the diffusers names, which the host maps for Qwen-Image LoRAs),
+and interrupts it between steps.
+
+Surfaces used, all present for years: ``comfy.model_base.BaseModel`` (its ``diffusion_model(x, t, context=...,
+control=..., transformer_options=..., **extra_conds)`` call), ``comfy.supported_models_base.BASE``,
+``comfy.model_patcher.ModelPatcher``, ``comfy.conds``, ``comfy.latent_formats``, ``comfy.model_management``.
+``comfy.model_base.QwenImage`` (host >= 0.3.48) is used as the base class when present, only so the host's LoRA
+key mapping for Qwen-Image files applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+
+from ..models.dit import QwenImageDiT
+from ..models.schedule import image_tokens, resolution_shift
+
+logger = logging.getLogger("qwen_image")
+
+# The model's default sampling: the reference's exponential shift for the 1328x1328 preset (166x166 latent).
+# Resolution-exact schedules come from the Qwen-Image Scheduler / Sampling Shift nodes.
+DEFAULT_SHIFT = resolution_shift(image_tokens(166, 166))
+
+
+class QwenImageLatentFormat(comfy.latent_formats.Wan21):
+    """The Wan-2.1 latent statistics Qwen-Image uses, for 4-D ``[B,16,H,W]`` and 5-D ``[B,16,1,H,W]`` latents.
+
+    Subclasses the host's Wan21 format (so previews and host nodes that check for it keep working) and only makes
+    the normalisation follow the latent's rank.
+    """
+
+    def _stats(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.latent_channels) + (1,) * (latent.ndim - 2)
+        mean = self.latents_mean.reshape(shape).to(latent.device, latent.dtype)
+        std = self.latents_std.reshape(shape).to(latent.device, latent.dtype)
+        return mean, std
+
+    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return (latent - mean) * self.scale_factor / std
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return latent * std / self.scale_factor + mean
+
+
+def _pad_even(latent: torch.Tensor) -> torch.Tensor:
+    """Pad odd latent sides by one row/column of edge replication (never wrap-around copies of the far edge)."""
+    pad_h, pad_w = latent.shape[-2] % 2, latent.shape[-1] % 2
+    if not (pad_h or pad_w):
+        return latent
+    return F.pad(latent, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def _as_image_latent(latent: torch.Tensor) -> torch.Tensor:
+    """``[B,16,H,W]`` from the host's 4-D or single-frame 5-D latent."""
+    if latent.ndim == 5:
+        if latent.shape[2] != 1:
+            raise ValueError(f"Qwen-Image works on single images, got a latent with {latent.shape[2]} frames")
+        latent = latent[:, :, 0]
+    return latent
+
+
+class HostQwenImageDiT(QwenImageDiT):
+    """The DiT with the host's calling convention; parameters and maths are those of :class:`QwenImageDiT`."""
+
+    @property
+    def dtype(self) -> torch.dtype:  # the host reads diffusion_model.dtype to cast inputs
+        return self.compute_dtype
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, ref_latents: list[torch.Tensor] | None = None,
+                control=None, transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
+        frames = x.ndim == 5
+        latent = _as_image_latent(x)
+        height, width = latent.shape[-2:]
+        refs = [_pad_even(_as_image_latent(r)) for r in ref_latents] if ref_latents else None
+        out = super().forward(_pad_even(latent), timesteps, context, context_mask=attention_mask, ref_latents=refs)
+        out = out[..., :height, :width]
+        return out.unsqueeze(2) if frames else out
+
+
+class QwenImageModelConfig(comfy.supported_models_base.BASE):
+    """What the host needs to know about the model; the network itself is built by our loader."""
+
+    unet_config = {"disable_unet_model_creation": True}
+    unet_extra_config = {}
+    sampling_settings = {"shift": DEFAULT_SHIFT}
+    latent_format = QwenImageLatentFormat
+    memory_usage_factor = 1.8
+    supported_inference_dtypes = [torch.bfloat16, torch.float32]
+
+
+_HostBase = getattr(comfy.model_base, "QwenImage", comfy.model_base.BaseModel)
+
+
+class QwenImageHostModel(_HostBase):
+    """BaseModel around an already-built :class:`HostQwenImageDiT` (flow matching, Flux-style exponential shift)."""
+
+    def __init__(self, dit: HostQwenImageDiT, config: QwenImageModelConfig, device: torch.device | None = None):
+        comfy.model_base.BaseModel.__init__(self, config, comfy.model_base.ModelType.FLUX, device=device)
+        self.diffusion_model = dit
+        self.memory_usage_factor_conds = ("ref_latents",)
+
+    def extra_conds(self, **kwargs) -> dict:
+        out = comfy.model_base.BaseModel.extra_conds(self, **kwargs)
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+        references = kwargs.get("reference_latents")
+        if references:
+            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in references])
+        return out
+
+    def extra_conds_shapes(self, **kwargs) -> dict:
+        references = kwargs.get("reference_latents")
+        if not references:
+            return {}
+        return {"ref_latents": [1, 16, sum(math.prod(r.shape) for r in references) // 16]}
+
+
+def wrap_diffusion_model(dit: HostQwenImageDiT, weight_dtype: torch.dtype,
+                         manual_cast_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher (the host's MODEL) around a loaded DiT that sits on the offload device."""
+    config = QwenImageModelConfig({})
+    config.set_inference_dtype(weight_dtype, manual_cast_dtype)
+    model = QwenImageHostModel(dit, config, device=comfy.model_management.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
