@@ -157,7 +157,7 @@ def test_diffusers_dit_folder_loads_with_from_pretrained(tmp_path, dtype, varian
 # --------------------------------------------------------------------------------------------------------- VAE
 def vae_roundtrip(model: AutoencoderKLQwenImage) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    image = torch.rand(1, 3, 1, 32, 32) * 2 - 1
+    image = torch.rand(1, 3, 1, 16, 16) * 2 - 1  # 16 px -> 2x2 latent
     with torch.no_grad():
         latent = model.encode(image).latent_dist.mean
         return latent, model.decode(latent).sample
@@ -291,9 +291,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
         lambda d, s: factory.make_text_encoder(d, layout="hf", seed=s),
     ]
     for make in makers:
-        a, b, c = make(tmp_path / "a", 3), make(tmp_path / "b", 3), make(tmp_path / "c", 4)
-        assert digest(a) == digest(b)
-        assert digest(a) != digest(c)
+        assert digest(make(tmp_path / "a", 3)) == digest(make(tmp_path / "b", 3))
+    for make in makers[:3]:  # the 40 MB text encoder is left out of this one to keep the test fast
+        assert digest(make(tmp_path / "a", 3)) != digest(make(tmp_path / "c", 4))
 
 
 def test_norms_are_not_ones_and_biases_not_zero(tmp_path):
@@ -346,22 +346,18 @@ def test_project_reader_opens_every_layout(tmp_path, make):
         assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
-def test_make_all_places_files_in_comfy_model_folders(tmp_path):
-    paths = factory.make_all(tmp_path, seed=0)
-    assert paths == {
-        "diffusion_model": tmp_path / "diffusion_models" / "qwen_image_bf16.safetensors",
-        "vae": tmp_path / "vae" / "qwen_image_vae.safetensors",
-        "text_encoder": tmp_path / "text_encoders" / "qwen_2.5_vl_7b.safetensors",
-    }
-    assert all(p.is_file() for p in paths.values())
-
-
-def test_cli_writes_the_demo_set(tmp_path, capsys):
+def test_make_all_and_cli_write_the_demo_set(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("make_tiny_models", REPO_ROOT / "tools" / "make_tiny_models.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main([str(tmp_path / "models"), "--seed", "5"]) == 0
+    assert cli.main([str(tmp_path / "cli"), "--seed", "5"]) == 0
     printed = capsys.readouterr().out
-    for role, path in factory.make_all(tmp_path / "again", seed=5).items():
-        written = tmp_path / "models" / path.relative_to(tmp_path / "again")
+    paths = factory.make_all(tmp_path / "api", seed=5)
+    assert paths == {  # named like the real files, in ComfyUI's model folders
+        "diffusion_model": tmp_path / "api" / "diffusion_models" / "qwen_image_bf16.safetensors",
+        "vae": tmp_path / "api" / "vae" / "qwen_image_vae.safetensors",
+        "text_encoder": tmp_path / "api" / "text_encoders" / "qwen_2.5_vl_7b.safetensors",
+    }
+    for role, path in paths.items():
+        written = tmp_path / "cli" / path.relative_to(tmp_path / "api")
         assert written.read_bytes() == path.read_bytes() and str(written) in printed and role in printed
