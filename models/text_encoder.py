@@ -145,15 +145,13 @@ class TextEncoder:
             raise ValueError(f"the prompt has {len(pads) - len(images)} extra '{IMAGE_PAD}' placeholder(s) "
                              f"beyond the {len(images)} image(s); remove them from the prompt text.")
 
-        features, spans, expanded = [], [], []
-        cursor = 0
-        merge = self.model.visual.config.spatial_merge_size if images else 1
-        for pad, image in zip(pads if images else [], images):
+        features, spans, expanded, cursor = [], [], [], 0
+        for pad, image in zip(pads, images):  # each placeholder becomes the image's merged tokens
             patches, grid = preprocess_image(image.to(self.device))
             tokens = self.model.visual(patches, grid, dtype=self.dtype)
+            merge = self.model.visual.config.spatial_merge_size
             expanded += ids[cursor:pad]
-            rows, cols = grid[0] // merge, grid[1] // merge
-            spans.append((len(expanded), rows, cols))
+            spans.append((len(expanded), grid[0] // merge, grid[1] // merge))
             expanded += [self.image_pad_id] * tokens.shape[0]
             features.append(tokens)
             cursor = pad + 1

@@ -5,11 +5,12 @@ Steps: size rounded to multiples of 28 (patch 14 x merge 2) within ``min_pixels`
 duplicated into the temporal pair (a still image is a 2-frame clip), patches flattened as ``(channel, frame,
 row, col)`` and ordered merge-window by merge-window (row-major over 2x2 windows, then row-major inside).
 
-Resize kernel: bicubic with antialiasing (``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``,
-half-pixel centres) on the float image, clamped to 0..1.  The HF processor (transformers 5, torchvision backend)
-runs the same kernel on uint8 and rounds to uint8 before normalising, so results differ by at most about one
-uint8 level where a resize happens.  Callers (the diffusers pipelines included) normally pass images whose sides
-are already multiples of 28; then no resize happens and the output equals the HF processor's to float rounding.
+Resize kernel (only when the size is not already a valid multiple of 28): antialiased bicubic (half-pixel
+centres) on uint8, exactly as the HF processor does it (transformers 5, torchvision backend on CPU: torch's native
+uint8 antialiased bicubic kernel): the image is rounded to uint8, resized on the CPU, and scaled back to 0..1.
+For uint8-valued inputs (PNG/JPEG loads, PIL images) the result equals the HF processor's; for other float images
+the only extra error is the rounding to 1/255.  This matters in practice: the Edit pipelines hand the processor
+images whose sides are multiples of 32 (e.g. 384 -> 392), so the processor resizes them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
     return new_h, new_w
 
 
+def _resize_like_hf(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a ``[3, H, W]`` 0..1 image through uint8, as the HF processor does it."""
+    pixels = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu()
+    resized = F.interpolate(pixels[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return resized[0].to(device=x.device, dtype=torch.float32) / 255.0
+
+
 def preprocess_image(image: torch.Tensor, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
                      min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
     """``[H, W, 3]`` float image in 0..1 -> (patches ``[gh * gw, 3 * T * p * p]`` fp32, patch grid ``(gh, gw)``)."""
@@ -56,8 +64,7 @@ def preprocess_image(image: torch.Tensor, patch_size: int = 14, merge_size: int 
     height, width = x.shape[-2:]
     new_h, new_w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
     if (new_h, new_w) != (height, width):
-        x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
-        x = x.clamp(0.0, 1.0)
+        x = _resize_like_hf(x, new_h, new_w)
     mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=x.device)[:, None, None]
     std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=x.device)[:, None, None]
     x = (x - mean) / std
