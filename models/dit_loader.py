@@ -138,10 +138,12 @@ def _weight_format(tensors: Mapping, scaled: bool) -> str:
 
 
 def dit_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                     ops=None, config_json: dict | None = None, source: str = "checkpoint") -> QwenImageDiT:
+                     ops=None, config_json: dict | None = None, source: str = "checkpoint",
+                     model_class: type[QwenImageDiT] = QwenImageDiT) -> QwenImageDiT:
     """Build a :class:`QwenImageDiT` from a ``name -> tensor`` mapping (any supported key layout).
 
     ``dtype`` is the compute dtype and the storage dtype of non-fp8 weights; fp8 weights are kept as stored.
+    ``model_class``: a subclass to instantiate (a host adapts the calling convention this way).
     """
     keys = list(tensors)
     prefix = _find_prefix(keys, source)
@@ -153,7 +155,7 @@ def dit_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, devic
     scaled = prefix + SCALED_FP8_MARKER in keys or any(k.endswith(".scale_weight") for k in keys)
     logger.info("Qwen-Image DiT: %d blocks, width %d, %s%s", config.depth, config.width,
                 _weight_format(view, scaled), ", Edit-2511 zero_cond_t" if config.zero_cond_t else "")
-    model = QwenImageDiT(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
+    model = model_class(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
     assign_weights(model, view, dtype=dtype, keep_dtypes=FLOAT8_DTYPES, what=f"{source} (Qwen-Image DiT)")
     return model.eval()
 
@@ -165,7 +167,8 @@ def _open_gguf(path: Path):
 
 
 def load_diffusion_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu", ops=None) -> QwenImageDiT:
+                         device: torch.device | str = "cpu", ops=None,
+                         model_class: type[QwenImageDiT] = QwenImageDiT) -> QwenImageDiT:
     """Load a Qwen-Image DiT from a single file, a diffusers folder, a pipeline folder or a ``.gguf`` file.
 
     ``dtype``: compute dtype (and storage dtype of non-fp8 weights).  ``ops``: operations namespace (default
@@ -176,7 +179,8 @@ def load_diffusion_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
         path = path / "transformer"
     if path.suffix.lower() == ".gguf":
         tensors, gguf_ops = _open_gguf(path)
-        return dit_from_tensors(tensors, dtype=dtype, device=device, ops=ops or gguf_ops, source=str(path))
+        return dit_from_tensors(tensors, dtype=dtype, device=device, ops=ops or gguf_ops, source=str(path),
+                                model_class=model_class)
     checkpoint = open_checkpoint(path)
     return dit_from_tensors(checkpoint, dtype=dtype, device=device, ops=ops, config_json=checkpoint.config,
-                            source=str(path))
+                            source=str(path), model_class=model_class)
