@@ -137,7 +137,7 @@ class QwenImageHostModel(_HostBase):
 def wrap_diffusion_model(dit: HostQwenImageDiT, weight_dtype: torch.dtype,
                          manual_cast_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher (the host's MODEL) around a loaded DiT that sits on the offload device."""
-    config = QwenImageModelConfig({})
+    config = QwenImageModelConfig(QwenImageModelConfig.unet_config)
     config.set_inference_dtype(weight_dtype, manual_cast_dtype)
     model = QwenImageHostModel(dit, config, device=comfy.model_management.unet_offload_device())
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),

@@ -1,0 +1,120 @@
+"""Our VAE and text encoder as host-managed components.
+
+* :class:`HostVAE` is a drop-in for the host's VAE object (``decode`` / ``encode`` / tiled variants and the size
+  queries core nodes use), so the host's VAE Decode / VAE Encode nodes work with it; LATENTs are the host's own
+  single-frame ``[B,16,1,H,W]`` raw latents, 4-D latents are accepted too.
+* :class:`HostTextEncoder` couples our Qwen2.5-VL encoder with a ModelPatcher so the host loads it to the device
+  before encoding and offloads / frees it like its own models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+
+from ..models.text_encoder import TextEncoder
+from ..models.vae import QwenImageVAE
+
+SPATIAL_FACTOR = 8
+
+
+class _Managed(nn.Module):
+    """What the ModelPatcher moves: it sets bookkeeping attributes (``device``, ...) on its module, which must not
+    collide with our models' own read-only properties."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def _progress_bar(total_hint: int = 1):
+    bar = comfy.utils.ProgressBar(total_hint)
+
+    def update(done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return update
+
+
+class HostVAE:
+    """The Qwen-Image VAE with the host VAE's interface."""
+
+    latent_channels = 16
+    output_channels = 3
+    latent_dim = 3  # the host's Qwen-Image latents carry a frame axis of length 1
+    downscale_ratio = SPATIAL_FACTOR
+    upscale_ratio = SPATIAL_FACTOR
+
+    def __init__(self, vae: QwenImageVAE):
+        self.first_stage_model = vae
+        self.device = mm.vae_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(_Managed(vae), load_device=self.device,
+                                                        offload_device=mm.vae_offload_device())
+
+    # -- what core nodes ask -----------------------------------------------------------------------------------
+    def spacial_compression_decode(self) -> int:
+        return SPATIAL_FACTOR
+
+    def spacial_compression_encode(self) -> int:
+        return SPATIAL_FACTOR
+
+    def temporal_compression_decode(self):
+        return None
+
+    def temporal_compression_encode(self):
+        return None
+
+    def vae_encode_crop_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Centre-crop to multiples of 8 like the host does (our edit nodes size images exactly instead)."""
+        height = (pixels.shape[1] // SPATIAL_FACTOR) * SPATIAL_FACTOR
+        width = (pixels.shape[2] // SPATIAL_FACTOR) * SPATIAL_FACTOR
+        top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
+        return pixels[:, top:top + height, left:left + width, :]
+
+    # -- work --------------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        mm.load_models_gpu([self.patcher])
+
+    def decode(self, samples: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
+               tile_overlap: int | None = None) -> torch.Tensor:
+        self._load()
+        images = self.first_stage_model.decode(samples, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
+                                               progress=_progress_bar())
+        return images.to(mm.intermediate_device())
+
+    def encode(self, pixels: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
+               tile_overlap: int | None = None) -> torch.Tensor:
+        self._load()
+        pixels = self.vae_encode_crop_pixels(pixels[..., :3])
+        latent = self.first_stage_model.encode(pixels, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
+                                               progress=_progress_bar())
+        return latent.unsqueeze(2).to(mm.intermediate_device())
+
+    def decode_tiled(self, samples: torch.Tensor, tile_x: int = 64, tile_y: int = 64, overlap: int = 16,
+                     **_ignored) -> torch.Tensor:
+        return self.decode(samples, tiled=True, tile_size=max(tile_x, tile_y), tile_overlap=overlap)
+
+    def encode_tiled(self, pixels: torch.Tensor, tile_x: int = 512, tile_y: int = 512, overlap: int = 64,
+                     **_ignored) -> torch.Tensor:
+        return self.encode(pixels, tiled=True, tile_size=max(tile_x, tile_y), tile_overlap=overlap)
+
+
+class HostTextEncoder:
+    """A loaded :class:`TextEncoder` plus the ModelPatcher through which the host manages its weights."""
+
+    def __init__(self, encoder: TextEncoder, load_device: torch.device, offload_device: torch.device):
+        self.encoder = encoder
+        self.patcher = comfy.model_patcher.ModelPatcher(_Managed(encoder.model), load_device=load_device,
+                                                        offload_device=offload_device)
+
+    def encode(self, prompt: str, images: list[torch.Tensor] | None = None, template: str = "t2i") -> torch.Tensor:
+        """Embeddings ``[1, L, hidden]`` (float32, on the host's intermediate device)."""
+        mm.load_models_gpu([self.patcher])
+        self.encoder.device = self.patcher.load_device
+        emb, _ = self.encoder.encode(prompt, images=images, template=template)
+        return emb.float().to(mm.intermediate_device())

@@ -1,0 +1,71 @@
+"""Which model files each loader offers, from the host's model folders.
+
+Registers ``.gguf`` for the folders our loaders read (the host does not know the extension), and adds diffusers /
+HF model folders (a sub-folder with a ``config.json``; a full pipeline folder offers its ``transformer``,
+``text_encoder`` or ``vae`` part) next to the single files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+GGUF_FOLDERS = ("diffusion_models", "text_encoders", "controlnet")
+# mmproj files are the vision half of a GGUF text encoder, never a text encoder on their own.
+_MMPROJ = "mmproj"
+
+
+def register_gguf_extension() -> None:
+    for name in GGUF_FOLDERS:
+        entry = folder_paths.folder_names_and_paths.get(name)
+        if entry is None:
+            continue
+        paths, extensions = entry[0], entry[1]
+        if ".gguf" not in extensions:
+            extensions = set(extensions) | {".gguf"}
+            folder_paths.folder_names_and_paths[name] = (paths, extensions)
+    # The host caches file lists per folder; a cached list made before the registration would lack .gguf files.
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        for name in GGUF_FOLDERS:
+            cache.pop(name, None)
+
+
+def _model_folders(folder: str, part: str) -> list[str]:
+    """Sub-folders (one or two levels) that hold a diffusers/HF model, as names relative to the model folder."""
+    found = []
+    for base in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(base):
+            continue
+        for entry in sorted(os.listdir(base)):
+            path = os.path.join(base, entry)
+            if not os.path.isdir(path):
+                continue
+            if os.path.isfile(os.path.join(path, "config.json")):
+                found.append(entry + "/")
+            elif os.path.isfile(os.path.join(path, part, "config.json")):
+                found.append(f"{entry}/{part}/")
+    return found
+
+
+def list_models(folder: str, part: str, extensions: tuple[str, ...]) -> list[str]:
+    """Loadable single files (by extension) and model folders in a host model folder."""
+    files = [name for name in folder_paths.get_filename_list(folder)
+             if name.lower().endswith(extensions) and _MMPROJ not in os.path.basename(name).lower()]
+    return sorted(set(files)) + _model_folders(folder, part)
+
+
+def resolve(folder: str, name: str) -> str:
+    """Absolute path of a name from :func:`list_models`; a clear error if it is gone."""
+    if name.endswith("/"):
+        for base in folder_paths.get_folder_paths(folder):
+            path = os.path.join(base, name.rstrip("/"))
+            if os.path.isdir(path):
+                return path
+    else:
+        path = folder_paths.get_full_path(folder, name)
+        if path:
+            return path
+    raise FileNotFoundError(f"'{name}' is not in the {folder} model folder any more "
+                            f"({', '.join(folder_paths.get_folder_paths(folder))}). Refresh the page and pick again.")

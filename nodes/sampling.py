@@ -1,0 +1,131 @@
+"""Sampling as the reference does it: the resolution-aware schedule, a shift override and true CFG.
+
+* Qwen-Image Scheduler (SIGMAS, for SamplerCustom / SamplerCustomAdvanced): the reference schedule exactly -
+  exponential shift from the latent's size, last sigma stretched to 0.02.
+* Qwen-Image Sampling Shift (MODEL): sets the shift the host's KSampler schedulers use, from a resolution or by hand.
+* Qwen-Image True CFG (MODEL): the reference's CFG with per-token norm-preserving rescale.  The host's CFGNorm is
+  different maths (norms of denoised images over 16 channels per pixel, clamped to <= 1) - see the README.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_sampling
+
+from ..models.guidance import norm_preserving_cfg
+from ..models.schedule import TERMINAL_SIGMA, flow_sigmas, image_tokens, resolution_shift
+from .common import CATEGORY, mappings
+
+SHIFT_FROM_RESOLUTION = "from the latent's resolution"
+SHIFT_FROM_MODEL = "the model's current shift"
+
+
+def _model_shift(model) -> float:
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingFlux):
+        raise ValueError("This model does not use Flux-style exponential shifting (was it patched by "
+                         "ModelSamplingAuraFlow/SD3?). Choose 'from the latent's resolution' instead.")
+    return float(sampling.shift)
+
+
+class Scheduler:
+    NODE_ID = "Scheduler"
+    DISPLAY_NAME = "Qwen-Image Scheduler"
+    CATEGORY = CATEGORY
+    FUNCTION = "sigmas"
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The noise levels to sample through, ending at 0.",)
+    DESCRIPTION = ("The reference Qwen-Image schedule: linear sigmas, exponentially shifted by an amount that grows "
+                   "with the image size, the last one stretched to 0.02. Use with SamplerCustom(Advanced).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The Qwen-Image model (its shift is used when 'shift' says so)."}),
+            "latent": ("LATENT", {"tooltip": "The latent to sample: its size sets the resolution-dependent shift."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                              "tooltip": "Number of sampling steps (reference: 50 for text-to-image, 40 for edit; "
+                                         "4 or 8 with Lightning LoRAs)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Below 1, only the last part of a longer schedule is run "
+                                             "(image-to-image)."}),
+            "shift": ([SHIFT_FROM_RESOLUTION, SHIFT_FROM_MODEL], {
+                "tooltip": "Where the exponential shift comes from: computed from the latent size like the "
+                           "reference, or the value set on the model (Qwen-Image Sampling Shift)."}),
+            "terminal_sigma": ("FLOAT", {"default": TERMINAL_SIGMA, "min": 0.0, "max": 0.5, "step": 0.001,
+                                         "tooltip": "The last non-zero sigma (reference 0.02); 0 turns the "
+                                                    "stretch off."}),
+        }}
+
+    def sigmas(self, model, latent: dict, steps: int, denoise: float, shift: str, terminal_sigma: float):
+        samples = latent["samples"]
+        if shift == SHIFT_FROM_MODEL:
+            mu = _model_shift(model)
+        else:
+            mu = resolution_shift(image_tokens(samples.shape[-2], samples.shape[-1]))
+        if denoise <= 0.0:
+            return (torch.zeros(0),)
+        total = steps if denoise >= 1.0 else int(steps / denoise)
+        return (flow_sigmas(total, mu, terminal_sigma or None)[-(steps + 1):],)
+
+
+class SamplingShift:
+    NODE_ID = "SamplingShift"
+    DISPLAY_NAME = "Qwen-Image Sampling Shift"
+    CATEGORY = CATEGORY
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the new shift; the host's KSampler schedulers use it.",)
+    DESCRIPTION = ("Overrides the exponential time shift (mu) of the model's sampling: the reference value for a "
+                   "resolution, or a value of your own. Higher shift spends more steps at high noise.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The Qwen-Image model to patch."}),
+            "width": ("INT", {"default": 1328, "min": 16, "max": 8192, "step": 16,
+                              "tooltip": "Image width the shift is computed for (ignored when shift > 0)."}),
+            "height": ("INT", {"default": 1328, "min": 16, "max": 8192, "step": 16,
+                               "tooltip": "Image height the shift is computed for (ignored when shift > 0)."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                "tooltip": "0: the reference shift for width x height (0.5 at 256x256 up to 0.9 "
+                                           "at 1448x1448). Above 0: this mu itself (the host's default is 1.15)."}),
+        }}
+
+    def patch(self, model, width: int, height: int, shift: float):
+        mu = shift if shift > 0 else resolution_shift(image_tokens(height // 8, width // 8))
+        sampling = comfy.model_sampling.ModelSamplingFlux()
+        sampling.set_parameters(shift=mu)
+        patched = model.clone()
+        patched.add_object_patch("model_sampling", sampling)
+        return (patched,)
+
+
+class TrueCFG:
+    NODE_ID = "TrueCFG"
+    DISPLAY_NAME = "Qwen-Image True CFG"
+    CATEGORY = CATEGORY
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the reference's guidance; the sampler's CFG value is the scale.",)
+    DESCRIPTION = ("Classifier-free guidance as the reference pipeline does it: uncond + cfg * (cond - uncond), "
+                   "then each 2x2 latent patch rescaled to the norm of the conditional prediction.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The Qwen-Image model to patch; set CFG (e.g. 4) on the sampler."}),
+        }}
+
+    def patch(self, model):
+        def guidance(args: dict):
+            # args["cond"] / ["uncond"] are sigma * velocity; the rescale is invariant to that common factor.
+            return norm_preserving_cfg(args["cond"], args["uncond"], args["cond_scale"])
+
+        patched = model.clone()
+        patched.set_model_sampler_cfg_function(guidance)
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(Scheduler, SamplingShift, TrueCFG)

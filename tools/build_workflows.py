@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Write the UI-format workflows in workflows/ from compact descriptions (run after changing one).
+
+A description lists nodes as ``Node(id, type, widgets, inputs, outputs)``: widget values in the order the
+frontend stores them, inputs as ``name: (source id, source slot, type)``.  The UI JSON (positions, link table,
+note) is derived; tests convert the result back to an API prompt with the host's own /object_info.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: list = field(default_factory=list)
+    inputs: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    outputs: list[tuple[str, str]] = field(default_factory=list)
+    column: int = 0
+    title: str | None = None
+
+
+def build(nodes: list[Node], note: str) -> dict:
+    links, ui_nodes = [], []
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for node in nodes:
+        for name, (source, slot, kind) in node.inputs.items():
+            link_id = len(links) + 1
+            target_slot = list(node.inputs).index(name)
+            links.append([link_id, source, slot, node.id, target_slot, kind])
+            outgoing.setdefault((source, slot), []).append(link_id)
+    rows: dict[int, int] = {}
+    for order, node in enumerate(nodes):
+        row = rows.get(node.column, 0)
+        rows[node.column] = row + 1
+        entry = {
+            "id": node.id, "type": node.type, "pos": [40 + 380 * node.column, 40 + 260 * row], "size": [340, 200],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": next(l[0] for l in links if l[3] == node.id
+                                                                   and l[4] == i)}
+                       for i, (name, (_, _, kind)) in enumerate(node.inputs.items())],
+            "outputs": [{"name": name, "type": kind, "links": outgoing.get((node.id, slot), []), "slot_index": slot}
+                        for slot, (name, kind) in enumerate(node.outputs)],
+            "properties": {"Node name for S&R": node.type},
+            "widgets_values": node.widgets,
+        }
+        if node.title:
+            entry["title"] = node.title
+        ui_nodes.append(entry)
+    note_id = max(n.id for n in nodes) + 1
+    ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -320], "size": [720, 300], "flags": {},
+                     "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                     "properties": {}, "widgets_values": [note], "title": "Model files"})
+    return {"last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+SAFETENSORS_NOTE = """\
+**Qwen-Image text-to-image** (pack: Qwen-Image / QIP)
+
+Put these files in your ComfyUI `models/` folders, then pick them in the three loaders:
+
+| file | folder |
+|---|---|
+| `qwen_image_bf16.safetensors` **or** `qwen_image_fp8_e4m3fn.safetensors` (fp8 stays fp8 in memory) | `diffusion_models/` |
+| `qwen_2.5_vl_7b.safetensors` **or** `qwen_2.5_vl_7b_fp8_scaled.safetensors` | `text_encoders/` |
+| `qwen_image_vae.safetensors` | `vae/` |
+
+Reference settings: 50 steps, CFG 4 (true CFG with norm-preserving rescale), euler, the Qwen-Image Scheduler.
+With a Lightning LoRA (add LoraLoaderModelOnly after the model loader): 4 or 8 steps, CFG 1.
+"""
+
+def text_to_image(model: str, text_encoder: str, note: str) -> dict:
+    return build([
+        Node(1, "QIP_DiffusionModelLoader", [model, "auto"], outputs=[("MODEL", "MODEL")]),
+        Node(2, "QIP_TextEncoderLoader", [text_encoder, "auto"], outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
+        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+        Node(4, "QIP_TextEncode", ["A coffee shop entrance with a chalkboard sign reading \"Qwen Coffee $2 per cup\", "
+                                  "a neon light beside it displaying \"通义千问\", ultra HD, 4K, cinematic composition.",
+                                  " "],
+             {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
+        Node(5, "QIP_EmptyLatent", ["1328x1328 (1:1)", 1024, 1024, 1], outputs=[("LATENT", "LATENT")], column=1),
+        Node(6, "QIP_TrueCFG", [], {"model": (1, 0, "MODEL")}, [("MODEL", "MODEL")], column=1),
+        Node(7, "QIP_Scheduler", [50, 1.0, "from the latent's resolution", 0.02],
+             {"model": (6, 0, "MODEL"), "latent": (5, 0, "LATENT")}, [("SIGMAS", "SIGMAS")], column=2),
+        Node(8, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
+        Node(9, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
+        Node(10, "CFGGuider", [4.0], {"model": (6, 0, "MODEL"), "positive": (4, 0, "CONDITIONING"),
+                                      "negative": (4, 1, "CONDITIONING")}, [("GUIDER", "GUIDER")], column=2),
+        Node(11, "SamplerCustomAdvanced", [],
+             {"noise": (9, 0, "NOISE"), "guider": (10, 0, "GUIDER"), "sampler": (8, 0, "SAMPLER"),
+              "sigmas": (7, 0, "SIGMAS"), "latent_image": (5, 0, "LATENT")},
+             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
+        Node(12, "VAEDecode", [], {"samples": (11, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
+             column=3),
+        Node(13, "SaveImage", ["qwen_image"], {"images": (12, 0, "IMAGE")}, column=3),
+    ], note)
+
+
+def main() -> None:
+    WORKFLOWS.mkdir(exist_ok=True)
+    outputs = {
+        "qwen_image_t2i.json": text_to_image("qwen_image_bf16.safetensors", "qwen_2.5_vl_7b.safetensors",
+                                             SAFETENSORS_NOTE),
+    }
+    for name, workflow in outputs.items():
+        (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote workflows/{name}")
+
+
+if __name__ == "__main__":
+    main()
