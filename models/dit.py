@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import CastOps
-from .rope import MSRoPE, apply_rope
+from .rope import MSRoPE, apply_rope, split_rope
 
 __all__ = ["DiTConfig", "QwenImageDiT", "pack_latent", "unpack_latent"]
 
@@ -139,17 +139,24 @@ class JointAttention(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: torch.Tensor,
                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, text_len, image_len = img.shape[0], txt.shape[1], img.shape[1]
         heads = (self.heads, -1)
-        q = torch.cat([self.norm_added_q(self.add_q_proj(txt).unflatten(-1, heads)),
-                       self.norm_q(self.to_q(img).unflatten(-1, heads))], dim=1)
-        k = torch.cat([self.norm_added_k(self.add_k_proj(txt).unflatten(-1, heads)),
-                       self.norm_k(self.to_k(img).unflatten(-1, heads))], dim=1)
-        v = torch.cat([self.add_v_proj(txt).unflatten(-1, heads), self.to_v(img).unflatten(-1, heads)], dim=1)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2)  # [B, L, H*D]; free when SDPA returns a [B, L, H, D] layout
-        text_len = txt.shape[1]
-        return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
+        # q, k, v are written straight into [B, H, L, D] buffers (SDPA is fastest on contiguous heads-first
+        # inputs), text first; RoPE is applied while writing, so no separate concatenation pass is needed.
+        q, k, v = (img.new_empty(batch, self.heads, text_len + image_len, img.shape[-1] // self.heads)
+                   for _ in range(3))
+        q_view, k_view, v_view = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        txt_rope, img_rope = split_rope(rope, text_len)
+        apply_rope(self.norm_added_q(self.add_q_proj(txt).unflatten(-1, heads)), txt_rope, q_view[:, :text_len])
+        apply_rope(self.norm_q(self.to_q(img).unflatten(-1, heads)), img_rope, q_view[:, text_len:])
+        apply_rope(self.norm_added_k(self.add_k_proj(txt).unflatten(-1, heads)), txt_rope, k_view[:, :text_len])
+        apply_rope(self.norm_k(self.to_k(img).unflatten(-1, heads)), img_rope, k_view[:, text_len:])
+        v_view[:, :text_len] = self.add_v_proj(txt).unflatten(-1, heads)
+        v_view[:, text_len:] = self.to_v(img).unflatten(-1, heads)
+        del q_view, k_view, v_view
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # [B, L, H, D]
+        del q, k, v
+        return self.to_out[0](out[:, text_len:].flatten(2)), self.to_add_out(out[:, :text_len].flatten(2))
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

@@ -11,8 +11,8 @@ Positions (as the diffusers reference computes them):
   position than positive), row-major;
 * text token ``j``: ``m + j`` on all three axes, with ``m = max over all images of max(h//2, w//2)``.
 
-The rotation table is computed in float32 exactly like the reference (``fp32 angle = position * fp32
-frequency``) so fp32 runs agree to rounding.
+Angles are computed in float32 exactly like the reference (``fp32 angle = position * fp32 frequency``); fp32
+runs rotate with one complex multiply per pair as the reference does, so they agree to rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["msrope_positions", "rope_table", "apply_rope", "MSRoPE"]
+__all__ = ["msrope_positions", "rope_angles", "rope_table", "apply_rope", "split_rope", "MSRoPE"]
 
 Grid = tuple[int, int]
 
@@ -46,30 +46,46 @@ def msrope_positions(image_grids: Sequence[Grid], text_len: int) -> tuple[torch.
     return text, torch.cat(image_parts, dim=0)
 
 
-def rope_table(positions: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
-    """Rotation table ``[L, 1, D/2, 2, 2]`` (float32) for integer ``positions [L, 3]``.
-
-    Entry ``[..., k, :, 0]`` is ``(cos, sin)`` and ``[..., k, :, 1]`` is ``(-sin, cos)`` for pair ``k``: the pair
-    ``(x0, x1)`` becomes ``t[..., 0] * x0 + t[..., 1] * x1`` (see :func:`apply_rope`).  The middle singleton
-    broadcasts over heads.
-    """
+def rope_angles(positions: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles ``[L, D/2]`` (float32) of pair ``k`` for integer ``positions [L, 3]``."""
     angles = []
     for axis, dim in enumerate(axes_dim):
         if dim % 2:
             raise ValueError(f"RoPE axis dimensions must be even, got {tuple(axes_dim)}.")
         inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         angles.append(positions[:, axis].to(torch.float32)[:, None] * inv_freq[None, :])
-    angle = torch.cat(angles, dim=-1)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    table = torch.stack([torch.stack([cos, sin], dim=-1), torch.stack([-sin, cos], dim=-1)], dim=-1)
-    return table.unsqueeze(1)
+    return torch.cat(angles, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, L, H, D]`` by ``table [L, 1, D/2, 2, 2]`` (in ``table``'s dtype; cast the table first)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    out = torch.addcmul(table[..., 0] * pairs[..., 0:1], table[..., 1], pairs[..., 1:2])
-    return out.flatten(-2)
+def rope_table(angles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rotation in the layout :func:`apply_rope` uses for ``dtype``.
+
+    float32: ``exp(i * angle)`` as complex64 ``[L, 1, D/2]`` (one complex multiply per pair).  Other dtypes (no
+    complex type): ``[2, L, 1, D]`` real rows ``(cos, cos)`` and ``(-sin, sin)`` per pair, in ``dtype``.
+    The singleton dimension broadcasts over heads.
+    """
+    if dtype == torch.float32:
+        return torch.polar(torch.ones_like(angles), angles).unsqueeze(1)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    table = torch.stack([torch.stack([cos, cos], dim=-1), torch.stack([-sin, sin], dim=-1)])
+    return table.flatten(-2).unsqueeze(2).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, L, H, D]`` by ``table`` (:func:`rope_table` for ``x``'s dtype, first dim ``L``) into ``out``,
+    a ``[B, L, H, D]`` destination that may be a strided view into a larger buffer.  Returns ``out``."""
+    if table.is_complex():
+        torch.mul(torch.view_as_complex(x.unflatten(-1, (-1, 2))), table,
+                  out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        return out
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    torch.mul(x, table[0], out=out)
+    return out.addcmul_(swapped, table[1])
+
+
+def split_rope(table: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a :func:`rope_table` along its sequence dimension into the first ``first`` positions and the rest."""
+    return table.narrow(-3, 0, first), table.narrow(-3, first, table.shape[-3] - first)
 
 
 class MSRoPE:
@@ -88,7 +104,8 @@ class MSRoPE:
         table = self._cache.get(key)
         if table is None:
             text, images = msrope_positions(key[0], text_len)
-            table = rope_table(torch.cat([text, images]), self.axes_dim, self.theta).to(device=device, dtype=dtype)
+            angles = rope_angles(torch.cat([text, images]), self.axes_dim, self.theta)
+            table = rope_table(angles, dtype).to(device)
             self._cache[key] = table
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

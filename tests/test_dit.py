@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
 from models.dit import pack_latent, unpack_latent
 from models.dit_loader import dit_from_tensors
-from models.rope import msrope_positions, rope_table
+from models.rope import apply_rope, msrope_positions, rope_angles, rope_table
 from models.testing.configs import TINY_DIT
 
 COMFYUI_DIR = Path("/root/.cache/qip-scratch/comfyui")
@@ -86,10 +86,19 @@ def test_rope_table_matches_diffusers(grids):
         [[(1, h, w) for h, w in grids]], max_txt_seq_len=text_len, device=torch.device("cpu"))
     text_pos, image_pos = msrope_positions(grids, text_len)
     for positions, freqs in ((text_pos, txt), (image_pos, vid)):
-        table = rope_table(positions, axes)[:, 0]  # [L, D/2, 2, 2]
-        assert table.shape[0] == freqs.shape[0]
-        torch.testing.assert_close(table[..., 0, 0], freqs.real, atol=1e-6, rtol=0)
-        torch.testing.assert_close(table[..., 1, 0], freqs.imag, atol=1e-6, rtol=0)
+        table = rope_table(rope_angles(positions, axes), torch.float32)[:, 0]  # complex [L, D/2]
+        torch.testing.assert_close(table, freqs, atol=1e-6, rtol=0)
+
+
+def test_real_and_complex_rotation_agree():
+    """The real-arithmetic path (half types) computes the same rotation as the complex one (float32)."""
+    angles = rope_angles(msrope_positions([(4, 6), (2, 2)], 5)[1], (4, 14, 14)) * 1.7
+    x = torch.randn(2, angles.shape[0], 3, 32, dtype=torch.float64)
+    out_complex = apply_rope(x.float(), rope_table(angles, torch.float32), torch.empty(2, angles.shape[0], 3, 32))
+    buffer = torch.empty(2, 3, angles.shape[0], 32, dtype=torch.float64).transpose(1, 2)  # strided destination
+    out_real = apply_rope(x, rope_table(angles, torch.float64), buffer)
+    torch.testing.assert_close(out_real.float(), out_complex, atol=1e-5, rtol=0)
+    assert (out_complex - x.float()).abs().max() > 0.1
 
 
 def test_msrope_positions_rule():
