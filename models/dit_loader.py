@@ -163,7 +163,9 @@ def dit_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, devic
 def _open_gguf(path: Path):
     """GGUF plug point: return ``(tensors, ops)`` - a lazy mapping like ``SafetensorsCheckpoint`` (``shape(name)``
     giving the logical torch-order shape) and the operations namespace that computes with its tensors."""
-    raise WeightFileError(f"{path}: GGUF DiT loading needs models.gguf")
+    from .gguf import open_dit_gguf
+
+    return open_dit_gguf(path)
 
 
 def load_diffusion_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -330,8 +330,19 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | Qw
     to the weights, in ``host_tokenizer_dirs`` and under ``$COMFYUI_PATH``.  ``ops``: the layer namespace
     (default :class:`models.ops.CastOps`).
     """
-    checkpoint = open_checkpoint(path)
     source = str(path)
+    if Path(path).suffix.lower() == ".gguf":  # llama.cpp text GGUF + mmproj, already under Comfy names
+        from .gguf import GGUFOps, open_text_encoder_gguf
+
+        checkpoint, gguf_tokenizer = open_text_encoder_gguf(path)
+        text, vision = detect_configs(list(checkpoint), checkpoint.shape, checkpoint.config, source)
+        if tokenizer is None and gguf_tokenizer is not None:
+            tokenizer = gguf_tokenizer
+        elif not isinstance(tokenizer, QwenTokenizer):
+            tokenizer = find_tokenizer(explicit=tokenizer, weights=Path(path), host_dirs=host_tokenizer_dirs)
+        return build_text_encoder(checkpoint, text, vision, tokenizer, dtype=dtype, device=device,
+                                  ops=ops or GGUFOps, rename=None, source=source)
+    checkpoint = open_checkpoint(path)
     canonical = {}
     for key in checkpoint:
         name = canonical_name(key)

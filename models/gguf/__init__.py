@@ -2,23 +2,43 @@
 
 Public entry points::
 
-    from models.gguf import GGUFError, GGUFReader, load_gguf_state_dict
+    from models.gguf import GGUFError, load_gguf_state_dict
     sd = load_gguf_state_dict(path, dequantize=True, dtype=torch.float32)  # names as stored, torch-order shapes
+
+    tensors, ops = open_dit_gguf(path)               # lazy mapping (QuantizedTensor values) + GGUFOps
+    tensors, tokenizer = open_text_encoder_gguf(path)  # llama.cpp text GGUF + its mmproj, under our names
+
+The mappings behave like :class:`models.weights.SafetensorsCheckpoint`: ``name -> tensor`` on access,
+``shape(name)`` (logical torch-order shape), ``dtype(name)`` (``torch.uint8`` for packed tensors),
+``metadata``, ``arch`` and ``config``, so :func:`models.weights.assign_weights` fills a meta-built model with
+packed weights that :class:`~models.gguf.layers.GGUFOps` layers dequantize just in time.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import dequant as _dequant
 from .dequant import dequantize
+from .layers import GGUFOps, QuantizedTensor
+from .names import Source, text_encoder_sources
 from .reader import GGMLType, GGUFError, GGUFReader, GGUFTensorInfo
 
-_STORED_DTYPE = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+__all__ = ["GGUFError", "GGUFReader", "GGUFTensorInfo", "GGMLType", "GGUFCheckpoint", "QuantizedTensor",
+           "GGUFOps", "dequantize", "load_gguf_state_dict", "open_dit_gguf", "open_text_encoder_gguf",
+           "find_mmproj", "tokenizer_from_gguf"]
 
-__all__ = ["GGUFError", "GGUFReader", "GGUFTensorInfo", "GGMLType", "dequantize", "load_gguf_state_dict"]
+_STORED_DTYPE = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+DIT_ARCHS = ("qwen_image",)
+TEXT_ARCHS = ("qwen2vl", "qwen2")
+# ComfyUI-GGUF stores the shape of tensors it had to flatten (more than 4 dims) under this key prefix.
+_ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 
 
 def load_gguf_state_dict(path: str | os.PathLike, dequantize: bool = True,
@@ -26,8 +46,8 @@ def load_gguf_state_dict(path: str | os.PathLike, dequantize: bool = True,
     """All tensors of a GGUF file by their stored names, in torch-order shapes.
 
     ``dequantize=True``: every tensor is decoded to ``dtype`` (new memory).  ``dequantize=False``: quantized
-    tensors become :class:`models.gguf.layers.QuantizedTensor` (packed bytes, zero-copy over the file's memory
-    map) and F32/F16/BF16 tensors are copied out as ordinary tensors in their stored dtype.
+    tensors become :class:`QuantizedTensor` (packed bytes, zero-copy over the file's read-only memory map) and
+    F32/F16/BF16 tensors are copied out as ordinary tensors in their stored dtype.
     """
     reader = GGUFReader(path)
     out: dict[str, torch.Tensor] = {}
@@ -36,10 +56,192 @@ def load_gguf_state_dict(path: str | os.PathLike, dequantize: bool = True,
         if dequantize:
             out[name] = _dequant.dequantize(raw, info.qtype, info.shape, dtype)
         elif info.is_quantized:
-            from .layers import QuantizedTensor  # layers imports this package
-
             out[name] = QuantizedTensor.wrap(raw, info.qtype, info.shape)
         else:
-            stored = _STORED_DTYPE.get(info.qtype, torch.float32)
-            out[name] = _dequant.dequantize(raw, info.qtype, info.shape, stored)
+            out[name] = _dequant.dequantize(raw, info.qtype, info.shape, _STORED_DTYPE.get(info.qtype, dtype))
     return out
+
+
+class GGUFCheckpoint(Mapping):
+    """Lazy ``name -> tensor`` view over one or more GGUF files (see the module docstring).
+
+    ``sources`` maps each exposed name to the stored tensors it is made of (:class:`models.gguf.names.Source`;
+    files are keys of ``readers``).  Packed tensors come back as zero-copy :class:`QuantizedTensor` views (rows of
+    same-type parts are concatenated as bytes); F32/F16/BF16 tensors are copied out in their stored dtype.
+    """
+
+    def __init__(self, readers: dict[str, GGUFReader], sources: dict[str, Source], main: str, config=None):
+        self.readers, self._sources = readers, sources
+        self.source = readers[main].path
+        self.metadata = readers[main].metadata
+        self.arch = readers[main].arch
+        self.config = config
+
+    def _info(self, part: tuple[str, str]) -> GGUFTensorInfo:
+        return self.readers[part[0]].tensors[part[1]]
+
+    def _logical_shape(self, part: tuple[str, str]) -> tuple[int, ...]:
+        info = self._info(part)
+        orig = self.readers[part[0]].metadata.get(_ORIG_SHAPE_KEY + part[1])
+        if isinstance(orig, list) and orig and int(np.prod(orig)) == int(np.prod(info.shape)):
+            return tuple(int(d) for d in orig)
+        return info.shape
+
+    def _read(self, part: tuple[str, str]) -> torch.Tensor:
+        info = self._info(part)
+        raw = self.readers[part[0]].raw(part[1])
+        shape = self._logical_shape(part)
+        if info.is_quantized:
+            return QuantizedTensor.wrap(raw, info.qtype, shape)
+        return _dequant.dequantize(raw, info.qtype, shape, _STORED_DTYPE.get(info.qtype, torch.float32))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        src = self._sources[name]
+        if src.join is None:
+            return self._read(src.parts[0])
+        infos = [self._info(p) for p in src.parts]
+        if src.join == "cat0" and infos[0].is_quantized and len({i.qtype for i in infos}) == 1:
+            raw = torch.cat([self.readers[f].raw(n) for f, n in src.parts], dim=0)
+            return QuantizedTensor.wrap(raw, infos[0].qtype, self.shape(name))
+        parts = [self._read(p) for p in src.parts]
+        parts = [p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts]
+        common = parts[0].dtype if len({p.dtype for p in parts}) == 1 else torch.float32
+        parts = [p.to(common) for p in parts]
+        return torch.cat(parts, dim=0) if src.join == "cat0" else torch.stack(parts, dim=2)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Logical torch-order shape, without reading data."""
+        src = self._sources[name]
+        shapes = [self._logical_shape(p) for p in src.parts]
+        if src.join == "cat0":
+            return (sum(s[0] for s in shapes), *shapes[0][1:])
+        if src.join == "stack2":
+            return (*shapes[0][:2], len(shapes), *shapes[0][2:])
+        return shapes[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Stored dtype: ``torch.uint8`` for packed tensors."""
+        infos = [self._info(p) for p in self._sources[name].parts]
+        if len(infos) == 1 or len({i.qtype for i in infos}) == 1:
+            return _STORED_DTYPE.get(infos[0].qtype, torch.uint8)
+        return torch.float32
+
+    def qtype(self, name: str) -> GGMLType:
+        """ggml type of the (first) stored part."""
+        return self._info(self._sources[name].parts[0]).qtype
+
+
+def _check_arch(reader: GGUFReader, expected: tuple[str, ...], what: str) -> None:
+    arch = reader.arch
+    if arch is None or arch in expected:
+        return
+    hint = {"qwen_image": "a Qwen-Image diffusion model (load it with the diffusion model loader)",
+            "qwen2vl": "a Qwen2.5-VL text encoder (load it with the text encoder loader)",
+            "clip": "a vision projector (mmproj); it belongs next to the text encoder GGUF"}.get(
+        arch, f"a '{arch}' model")
+    raise GGUFError(f"{reader.path}: this GGUF holds {hint}, not {what} (expected architecture "
+                    f"{' or '.join(repr(a) for a in expected)}).")
+
+
+def open_dit_gguf(path: str | os.PathLike) -> tuple[GGUFCheckpoint, type[GGUFOps]]:
+    """A Qwen-Image DiT GGUF (arch ``qwen_image``, diffusers names) as a lazy mapping, and the ops to run it."""
+    reader = GGUFReader(path)
+    _check_arch(reader, DIT_ARCHS, "a Qwen-Image diffusion model")
+    sources = {name: Source((("main", name),)) for name in reader.tensors}
+    return GGUFCheckpoint({"main": reader}, sources, "main"), GGUFOps
+
+
+_MMPROJ_NAME = re.compile(r"mmproj.*\.gguf$", re.IGNORECASE)
+
+
+def find_mmproj(text_path: str | os.PathLike) -> Path:
+    """The mmproj GGUF next to a text-encoder GGUF: any ``*mmproj*.gguf`` (case-insensitive) in its folder,
+    e.g. ``mmproj-F16.gguf``, ``mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf`` or
+    ``Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf``; with several, the one sharing the longest name prefix."""
+    text_path = Path(text_path)
+    folder = text_path.parent
+    candidates = sorted(p for p in folder.iterdir() if p.is_file() and p != text_path
+                        and _MMPROJ_NAME.search(p.name)) if folder.is_dir() else []
+    if not candidates:
+        raise GGUFError(
+            f"{text_path}: the Qwen2.5-VL vision tower of a GGUF text encoder lives in a separate mmproj GGUF, and "
+            f"none was found in {folder}. Download the mmproj that matches this model (e.g. "
+            f"'mmproj-F16.gguf' or 'Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf'; any file name containing 'mmproj' "
+            f"and ending in .gguf) and put it in {folder}.")
+
+    def shared_prefix(p: Path) -> int:
+        a, b = p.name.lower(), text_path.name.lower()
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    return max(candidates, key=lambda p: (shared_prefix(p), p.name))
+
+
+def tokenizer_from_gguf(metadata: Mapping):
+    """A :class:`models.tokenizer.QwenTokenizer` from GGUF tokenizer metadata, or None if the file has none."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    merges = metadata.get("tokenizer.ggml.merges")
+    if tokens is None or merges is None:
+        return None
+    from ..tokenizer import QwenTokenizer
+
+    types = np.asarray(metadata.get("tokenizer.ggml.token_type", []))
+    special = set(np.flatnonzero(types == 3).tolist())
+    added = [(int(i), tokens[int(i)], int(i) in special) for i in np.flatnonzero((types == 3) | (types == 4))]
+    return QwenTokenizer.from_vocab(list(tokens), list(merges), added, source="GGUF metadata")
+
+
+def _text_config(text: Mapping, mmproj: Mapping) -> dict:
+    """An HF-style config dict from llama.cpp metadata (what the text encoder's shape detection reads)."""
+    arch = text.get("general.architecture", "qwen2vl")
+    config: dict = {}
+    if f"{arch}.attention.head_count" in text:
+        config["num_attention_heads"] = int(text[f"{arch}.attention.head_count"])
+    if f"{arch}.attention.layer_norm_rms_epsilon" in text:
+        config["rms_norm_eps"] = float(text[f"{arch}.attention.layer_norm_rms_epsilon"])
+    if f"{arch}.rope.freq_base" in text:
+        config["rope_theta"] = float(text[f"{arch}.rope.freq_base"])
+    sections = [int(s) for s in text.get(f"{arch}.rope.dimension_sections", []) if int(s)]
+    if len(sections) == 3:
+        config["rope_scaling"] = {"mrope_section": sections}
+    vision: dict = {}
+    if "clip.vision.attention.head_count" in mmproj:
+        vision["num_heads"] = int(mmproj["clip.vision.attention.head_count"])
+    if "clip.vision.window_size" in mmproj:
+        vision["window_size"] = int(mmproj["clip.vision.window_size"])
+    depth, pattern = mmproj.get("clip.vision.block_count"), mmproj.get("clip.vision.n_wa_pattern")
+    if depth and pattern:
+        vision["fullatt_block_indexes"] = [i for i in range(int(depth)) if (i + 1) % int(pattern) == 0]
+    if vision:
+        config["vision_config"] = vision
+    return config
+
+
+def open_text_encoder_gguf(path: str | os.PathLike, mmproj: str | os.PathLike | None = None,
+                           require_mmproj: bool = True):
+    """A llama.cpp Qwen2.5-VL text GGUF plus its mmproj as one lazy mapping under our (Comfy) names.
+
+    Returns ``(checkpoint, tokenizer)``: ``tokenizer`` is built from the file's metadata (None without it).
+    ``mmproj``: the vision GGUF (default: found next to ``path`` with :func:`find_mmproj`, which raises a
+    :class:`GGUFError` naming the folder and the expected file names when missing and ``require_mmproj``).
+    """
+    text = GGUFReader(path)
+    _check_arch(text, TEXT_ARCHS, "a Qwen2.5-VL text encoder")
+    readers = {"text": text}
+    if mmproj is None and require_mmproj:
+        mmproj = find_mmproj(path)
+    if mmproj is not None:
+        readers["mmproj"] = GGUFReader(mmproj)
+        _check_arch(readers["mmproj"], ("clip",), "a Qwen2.5-VL vision projector (mmproj)")
+    sources = text_encoder_sources(text.tensors, readers["mmproj"].tensors if "mmproj" in readers else ())
+    config = _text_config(text.metadata, readers["mmproj"].metadata if "mmproj" in readers else {})
+    checkpoint = GGUFCheckpoint(readers, sources, "text", config=config)
+    return checkpoint, tokenizer_from_gguf(text.metadata)

@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..weights import WeightFileError
+
 __all__ = ["GGUFError", "GGMLType", "GGUFValueType", "GGUFTensorInfo", "GGUFReader", "StringArray",
            "QUANT_BLOCKS", "DEFAULT_ALIGNMENT", "quantized_nbytes"]
 
 
-class GGUFError(ValueError):
-    """A GGUF file that is malformed, truncated, or not usable for what it was given to."""
+class GGUFError(WeightFileError):
+    """A GGUF file that is malformed, truncated, or not usable for what it was given to (a ValueError)."""
 
 
 class GGMLType(IntEnum):

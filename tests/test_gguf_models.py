@@ -1,0 +1,182 @@
+"""GGUF checkpoints through the model loaders: the DiT (city96 layout) and the Qwen2.5-VL text GGUF + mmproj."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImageTransformer2DModel
+
+from models import load_diffusion_model, load_text_encoder
+from models.gguf import GGUFError, QuantizedTensor, find_mmproj, load_gguf_state_dict, open_text_encoder_gguf
+from models.gguf.reader import GGMLType
+from models.testing.configs import TINY_DIT
+from models.testing.factory import make_dit, make_text_encoder
+from models.testing.gguf_factory import K_QUANT_DIT, make_dit_gguf, make_text_encoder_gguf
+from test_dit_loading import run_reference, sample_inputs
+from test_tokenizer import host_tokenizer_dir
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def gguf_py_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors dequantized by gguf-py (the independent oracle)."""
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            for t in reader.tensors}
+
+
+def dit_inputs(config: dict):
+    x, t, ctx, ref = sample_inputs()
+    ctx = torch.randn(1, 6, config["joint_attention_dim"], generator=torch.Generator().manual_seed(5))
+    return x, t, ctx, ref
+
+
+@pytest.mark.parametrize("qtype,config,bound", [("Q8_0", TINY_DIT, 1e-2), ("Q4_K", K_QUANT_DIT, 1e-1),
+                                                ("Q5_1", TINY_DIT, 1e-1), ("Q4_K_M", K_QUANT_DIT, 1e-1)])
+def test_dit_gguf_matches_reference_and_unquantized(tmp_path: Path, qtype: str, config: dict, bound: float):
+    path = make_dit_gguf(tmp_path, qtype=qtype, seed=1, config=config)
+    model = load_diffusion_model(path, dtype=torch.float32)
+    packed = [n for n, p in model.named_parameters() if isinstance(p, QuantizedTensor)]
+    assert "transformer_blocks.0.img_mod.1.weight" in packed
+    x, t, ctx, ref = dit_inputs(config)
+    with torch.no_grad():
+        ours = model(x, t, ctx, ref_latents=[ref])
+
+    # the same file dequantized by gguf-py, in diffusers' model: the loader adds no error of its own
+    reference = QwenImageTransformer2DModel(**config).eval()
+    reference.load_state_dict(gguf_py_weights(path), strict=True)
+    torch.testing.assert_close(ours, run_reference(reference, x, t, ctx, ref), atol=1e-4, rtol=1e-4)
+
+    # quantization error against the unquantized fp32 model of the same seed
+    unquantized = load_diffusion_model(make_dit(tmp_path, dtype="fp32", seed=1, config=config))
+    with torch.no_grad():
+        exact = unquantized(x, t, ctx, ref_latents=[ref])
+    error = rel_l2(ours, exact)
+    print(f"{qtype}: relative L2 vs unquantized = {error:.2e}")
+    assert error < bound
+
+
+def test_dit_k_quant_file_holds_k_blocks_and_gguf_py_agrees(tmp_path: Path):
+    path = make_dit_gguf(tmp_path, qtype="Q4_K", seed=2, config=K_QUANT_DIT)
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["transformer_blocks.0.attn.to_q.weight"] == "Q4_K"
+    assert types["img_in.weight"] == "Q5_0"  # 64-wide rows: the legacy fallback
+    assert types["transformer_blocks.0.attn.norm_q.weight"] == "F32"
+    mine = load_gguf_state_dict(path)
+    theirs = gguf_py_weights(path)
+    for name in theirs:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_dit_gguf_same_seed_same_bytes(tmp_path: Path):
+    a = make_dit_gguf(tmp_path / "a", qtype="Q5_1", seed=4)
+    b = make_dit_gguf(tmp_path / "b", qtype="Q5_1", seed=4)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_wrong_gguf_for_loader(tmp_path: Path):
+    text, _ = make_text_encoder_gguf(tmp_path, qtype="Q8_0")
+    with pytest.raises(GGUFError, match="text encoder"):
+        load_diffusion_model(text)
+    dit = make_dit_gguf(tmp_path, qtype="Q8_0")
+    with pytest.raises(GGUFError, match="diffusion model"):
+        load_text_encoder(dit)
+
+
+# -- text encoder ------------------------------------------------------------------------------------------------
+
+def _image() -> torch.Tensor:
+    return torch.rand(56, 84, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_text_encoder_gguf_matches_safetensors(tmp_path: Path):
+    tokenizer_dir = host_tokenizer_dir()
+    text, mmproj = make_text_encoder_gguf(tmp_path, qtype="F32", mmproj_type="F32", seed=3,
+                                          tokenizer_dir=tokenizer_dir)
+    reference_file = make_text_encoder(tmp_path / "st", layout="comfy", dtype="fp32", seed=3)
+    ours = load_text_encoder(text)  # tokenizer from the GGUF metadata
+    reference = load_text_encoder(reference_file, tokenizer=tokenizer_dir)
+    prompt = "A red fox in the snow <|im_end|> and 一只橘猫"
+    assert ours.tokenizer.encode(prompt) == reference.tokenizer.encode(prompt)
+    for template, images in [("t2i", None), ("edit", [_image()])]:
+        a, mask_a = ours.encode(prompt, images, template=template)
+        b, mask_b = reference.encode(prompt, images, template=template)
+        assert torch.equal(mask_a, mask_b)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_text_encoder_gguf_is_close_and_stays_packed(tmp_path: Path):
+    text, _ = make_text_encoder_gguf(tmp_path, qtype="Q8_0", seed=3)
+    reference_file = make_text_encoder(tmp_path / "st", layout="comfy", dtype="fp32", seed=3)
+    tokenizer_dir = host_tokenizer_dir()
+    ours = load_text_encoder(text, tokenizer=tokenizer_dir)
+    reference = load_text_encoder(reference_file, tokenizer=tokenizer_dir)
+    assert isinstance(ours.model.model.embed_tokens.weight, QuantizedTensor)
+    a, _ = ours.encode("a cat", [_image()], template="edit")
+    b, _ = reference.encode("a cat", [_image()], template="edit")
+    assert rel_l2(a, b) < 2e-2
+
+
+def test_text_gguf_tensors_match_gguf_py_under_our_names(tmp_path: Path):
+    text, mmproj = make_text_encoder_gguf(tmp_path, qtype="Q4_0", seed=5)
+    checkpoint, _ = open_text_encoder_gguf(text)
+    t, v = gguf_py_weights(text), gguf_py_weights(mmproj)
+    expected = {
+        "model.layers.1.mlp.down_proj.weight": t["blk.1.ffn_down.weight"],
+        "model.embed_tokens.weight": t["token_embd.weight"],
+        "model.norm.weight": t["output_norm.weight"],
+        "visual.blocks.2.attn.qkv.weight": torch.cat([v[f"v.blk.2.attn_{p}.weight"] for p in "qkv"]),
+        "visual.blocks.2.attn.qkv.bias": torch.cat([v[f"v.blk.2.attn_{p}.bias"] for p in "qkv"]),
+        "visual.patch_embed.proj.weight": torch.stack([v["v.patch_embd.weight"], v["v.patch_embd.weight.1"]], 2),
+        "visual.merger.mlp.2.weight": v["mm.2.weight"],
+        "visual.merger.ln_q.weight": v["v.post_ln.weight"],
+    }
+    for name, value in expected.items():
+        got = checkpoint[name]
+        got = got.dequantize() if isinstance(got, QuantizedTensor) else got.float()
+        assert checkpoint.shape(name) == tuple(value.shape), name
+        assert torch.equal(got, value), name
+    assert not any(name.startswith("lm_head") or name.startswith("output.") for name in checkpoint)
+
+
+def test_missing_mmproj_names_folder_and_files(tmp_path: Path):
+    text, mmproj = make_text_encoder_gguf(tmp_path, qtype="Q8_0")
+    mmproj.unlink()
+    with pytest.raises(GGUFError) as info:
+        load_text_encoder(text, tokenizer=host_tokenizer_dir())
+    message = str(info.value)
+    assert str(tmp_path) in message and "mmproj-F16.gguf" in message and "mmproj" in message
+
+
+@pytest.mark.parametrize("name", ["mmproj-F16.gguf", "Qwen2.5-VL-7B-Instruct-mmproj-BF16.gguf",
+                                  "MMPROJ-qwen2.5-vl-7b-f16.GGUF", "qwen2.5-vl-7b-instruct.mmproj-q8_0.gguf"])
+def test_mmproj_found_by_community_names(tmp_path: Path, name: str):
+    text, mmproj = make_text_encoder_gguf(tmp_path, qtype="Q8_0")
+    renamed = mmproj.rename(tmp_path / name)
+    assert find_mmproj(text) == renamed
+    encoder = load_text_encoder(text, tokenizer=host_tokenizer_dir())
+    assert encoder.model.visual is not None
+
+
+def test_mmproj_prefers_the_matching_name(tmp_path: Path):
+    text, mmproj = make_text_encoder_gguf(tmp_path, qtype="Q8_0")
+    shutil.copyfile(mmproj, tmp_path / "mmproj-other-model-F16.gguf")
+    assert find_mmproj(text) == mmproj
+
+
+def test_packed_rows_concatenate_for_fused_qkv(tmp_path: Path):
+    # a quantized mmproj: q/k/v rows of one type are joined as bytes, still packed
+    text, mmproj = make_text_encoder_gguf(tmp_path, qtype="Q8_0", mmproj_type="Q8_0")
+    checkpoint, _ = open_text_encoder_gguf(text)
+    qkv = checkpoint["visual.blocks.0.attn.qkv.weight"]
+    assert isinstance(qkv, QuantizedTensor) and qkv.qtype == GGMLType.Q8_0
+    v = gguf_py_weights(mmproj)
+    assert torch.equal(qkv.dequantize(), torch.cat([v[f"v.blk.0.attn_{p}.weight"] for p in "qkv"]))
