@@ -357,6 +357,7 @@ def test_make_all_and_cli_write_the_demo_set(tmp_path, capsys):
         "diffusion_model": tmp_path / "api" / "diffusion_models" / "qwen_image_bf16.safetensors",
         "vae": tmp_path / "api" / "vae" / "qwen_image_vae.safetensors",
         "text_encoder": tmp_path / "api" / "text_encoders" / "qwen_2.5_vl_7b.safetensors",
+        "lora": tmp_path / "api" / "loras" / "qwen_image_tiny_lora_diffusers.safetensors",
     }
     for role, path in paths.items():
         written = tmp_path / "cli" / path.relative_to(tmp_path / "api")

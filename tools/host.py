@@ -44,8 +44,12 @@ class HostError(RuntimeError):
 class RunResult:
     prompt_id: str
     outputs: dict
-    images: list[Path] = field(default_factory=list)
+    files: dict[str, list[Path]] = field(default_factory=dict)  # output kind ("images", "latents") -> paths
     seconds: float = 0.0
+
+    @property
+    def images(self) -> list[Path]:
+        return self.files.get("images", [])
 
 
 def _free_port() -> int:
@@ -192,12 +196,14 @@ class ComfyHost:
         if status.get("status_str") != "success":
             messages = [m for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
             raise HostError(f"the graph failed: {json.dumps(messages, indent=1)[:6000]}")
-        images = []
+        files: dict[str, list[Path]] = {}
         for output in entry.get("outputs", {}).values():
-            for image in output.get("images", []):
-                base = {"output": self.output_dir, "temp": self.workdir / "temp"}.get(image.get("type"), self.output_dir)
-                images.append(base / image.get("subfolder", "") / image["filename"])
-        return RunResult(prompt_id, entry.get("outputs", {}), images, time.monotonic() - start)
+            for kind, items in output.items():
+                for item in items if isinstance(items, list) else []:
+                    if isinstance(item, dict) and "filename" in item:
+                        base = self.workdir / "temp" if item.get("type") == "temp" else self.output_dir
+                        files.setdefault(kind, []).append(base / item.get("subfolder", "") / item["filename"])
+        return RunResult(prompt_id, entry.get("outputs", {}), files, time.monotonic() - start)
 
 
 _INSPECT_PACK = r"""

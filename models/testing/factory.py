@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from ..vae_keys import diffusers_to_wan
 from .configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
 
-__all__ = ["make_dit", "make_vae", "make_text_encoder", "make_all", "DIT_PREFIX"]
+__all__ = ["make_dit", "make_vae", "make_text_encoder", "make_lora", "make_all", "DIT_PREFIX", "LORA_TARGETS"]
 
 DIT_PREFIX = "model.diffusion_model."
 
@@ -467,12 +467,51 @@ def make_text_encoder(out_dir: str | os.PathLike, *, layout: str = "comfy", dtyp
     return target / "text_encoder"
 
 
+# The Linears LoRA trainers target in every block (ai-toolkit / diffusers defaults for Qwen-Image).
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                "txt_mlp.net.2")
+_LORA_FORMATS = ("diffusers", "kohya")
+
+
+def make_lora(out_dir: str | os.PathLike, *, rank: int = 4, lora_format: str = "diffusers", alpha: float | None = None,
+              seed: int = 0, config: dict | None = None, name: str | None = None) -> Path:
+    """A LoRA for the tiny DiT, as trainers save them.
+
+    ``"diffusers"``: ``transformer.<module>.lora_A.weight [rank, in]`` / ``lora_B.weight [out, rank]`` (diffusers,
+    ai-toolkit, PEFT); ``"kohya"``: ``lora_unet_<module with _>.lora_down.weight`` / ``lora_up.weight`` and an
+    ``alpha`` scalar (kohya / musubi).  The update of a weight is ``up @ down * (alpha / rank)`` (scale 1 without
+    alpha).  Values are large enough to change the output visibly.
+    """
+    if lora_format not in _LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {lora_format!r}; expected one of {_LORA_FORMATS}.")
+    spec = _dit_spec(config or TINY_DIT)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in (f"transformer_blocks.{i}.{t}" for i in range((config or TINY_DIT)["num_layers"]) for t in LORA_TARGETS):
+        out_features, in_features = spec[f"{module}.weight"][0]
+        down = _random_tensor(f"{module}.lora_down", (rank, in_features), _LINEAR, seed)
+        up = _random_tensor(f"{module}.lora_up", (out_features, rank), _LINEAR, seed) * 0.5
+        if lora_format == "diffusers":
+            tensors[f"transformer.{module}.lora_A.weight"] = down
+            tensors[f"transformer.{module}.lora_B.weight"] = up
+        else:
+            key = "lora_unet_" + module.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+    path = Path(out_dir) / (name or f"qwen_image_tiny_lora_{lora_format}.safetensors")
+    _write_safetensors({k: v.to(torch.bfloat16) if v.ndim else v for k, v in tensors.items()}, path)
+    return path
+
+
 def make_all(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """The common set for demos, in ComfyUI's model folders under ``out_dir``: ``diffusion_models/
-    qwen_image_bf16.safetensors``, ``vae/qwen_image_vae.safetensors``, ``text_encoders/qwen_2.5_vl_7b.safetensors``."""
+    qwen_image_bf16.safetensors``, ``vae/qwen_image_vae.safetensors``, ``text_encoders/qwen_2.5_vl_7b.safetensors``,
+    ``loras/qwen_image_tiny_lora_diffusers.safetensors``."""
     out_dir = Path(out_dir)
     return {
         "diffusion_model": make_dit(out_dir / "diffusion_models", seed=seed),
         "vae": make_vae(out_dir / "vae", seed=seed),
         "text_encoder": make_text_encoder(out_dir / "text_encoders", seed=seed),
+        "lora": make_lora(out_dir / "loras", seed=seed),
     }

@@ -1,0 +1,86 @@
+"""The reference implementations (diffusers / transformers) built on the tiny checkpoints, shared by the tests.
+
+Each builder reads one of the factory's Comfy-layout files in fp32 ("scaled fp8" weights multiplied by their
+scale) and loads it strictly into the reference model, so a test compares our code with the reference on
+identical weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from env import comfyui_path
+from models.testing.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
+from models.testing.factory import DIT_PREFIX
+from models.vae_keys import wan_to_diffusers
+
+TOKENIZER_SUBDIR = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
+# The Qwen/Qwen-Image scheduler_config.json.
+QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
+                      max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
+                      stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
+                      use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False)
+
+
+def host_tokenizer_dir() -> Path:
+    """The Qwen2.5 tokenizer folder of the host the tests run (COMFYUI_PATH or the pinned ComfyUI)."""
+    folder = comfyui_path() / TOKENIZER_SUBDIR
+    if not (folder / "vocab.json").is_file():
+        raise FileNotFoundError(f"the host has no Qwen2.5 tokenizer at {folder}")
+    return folder
+
+
+def comfy_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A Comfy file's tensors in fp32, "scaled fp8" weights multiplied by their scale, markers dropped."""
+    tensors = load_file(str(path))
+    out = {}
+    for name, tensor in tensors.items():
+        if name in ("scaled_fp8", "__index_timestep_zero__") or name.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = tensors.get(name[: -len("weight")] + "scale_weight") if name.endswith("weight") else None
+        out[name] = tensor.float() * scale.float() if scale is not None else tensor.float()
+    return out
+
+
+def reference_dit(path: Path, config: dict | None = None):
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(**(config or TINY_DIT))
+    state = {name.removeprefix(DIT_PREFIX): tensor for name, tensor in comfy_tensors(path).items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def reference_vae(path: Path):
+    from diffusers import AutoencoderKLQwenImage
+
+    model = AutoencoderKLQwenImage(**TINY_VAE)
+    model.load_state_dict({wan_to_diffusers(k): v for k, v in comfy_tensors(path).items()}, strict=True)
+    return model.eval()
+
+
+def reference_text_encoder(path: Path):
+    """transformers' Qwen2.5-VL in fp32 (transformers 5 module names) with a Comfy file's weights."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=TINY_TEXT, vision_config=TINY_VISION))
+    state = {}
+    for name, tensor in comfy_tensors(path).items():
+        if name.startswith("model."):
+            name = "model.language_model." + name[len("model."):]
+        elif name.startswith("visual."):
+            name = "model." + name
+        state[name] = tensor
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def pack(latent: torch.Tensor) -> torch.Tensor:
+    """diffusers' 2x2 packing of ``[B,16,H,W]`` (or single-frame 5-D) into ``[B, H/2*W/2, 64]``."""
+    if latent.ndim == 5:
+        latent = latent[:, :, 0]
+    b, c, h, w = latent.shape
+    return latent.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
