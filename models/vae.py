@@ -154,7 +154,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     chunk = max(1, _ATTENTION_SCORE_ELEMENTS // k.shape[2])
     if chunk >= q.shape[2]:
         return F.scaled_dot_product_attention(q, k, v).squeeze(1)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     for start in range(0, q.shape[2], chunk):
         out[:, :, start:start + chunk] = F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v)
     return out.squeeze(1)
@@ -171,10 +171,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        # Channels-last: q, k, v are strided views of one [B, N, 3C] tensor; attention reads them without copies.
         qkv = self.to_qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, 3 * c)
-        q, k, v = (t.contiguous() for t in qkv.chunk(3, dim=-1))
+        out = _attention(*qkv.chunk(3, dim=-1)).reshape(b, h, w, c).permute(0, 3, 1, 2)
         del qkv
-        out = _attention(q, k, v).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return self.proj(out).add_(x)
 
 
