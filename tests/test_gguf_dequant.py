@@ -125,3 +125,95 @@ def test_files_written_by_gguf_py(tmp_path: Path):
     half = load_gguf_state_dict(path, dtype=torch.bfloat16)
     assert all(v.dtype == torch.bfloat16 for v in half.values())
     assert torch.equal(half["t.Q8_0"], ours["t.Q8_0"].to(torch.bfloat16))
+
+
+# -- quantizers and the writer ------------------------------------------------------------------------------------
+from models.gguf.quantize import quantize  # noqa: E402
+from models.gguf.reader import GGUFReader, GGUFValueType  # noqa: E402
+from models.gguf.writer import GGUFWriter  # noqa: E402
+
+
+def awkward_values(shape, seed: int) -> torch.Tensor:
+    """Gaussian rows of very different scales, plus an all-zero block, a constant block and a huge outlier."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-4, 2, shape[0]).unsqueeze(1)
+    x[0, :32] = 0
+    x[1, :32] = 0.5
+    x[2, 7] = 3e4
+    return x
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"])
+def test_quantizers_bit_exact_with_gguf_py(qtype: str):
+    x = awkward_values((16, 512), seed=1)
+    ref = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType[qtype])
+    ours = quantize(x, GGMLType[qtype]).numpy()
+    assert ours.tobytes() == np.ascontiguousarray(ref).tobytes()
+
+
+@pytest.mark.parametrize("qtype,bound", [("Q4_K", 0.085), ("Q5_K", 0.042), ("Q6_K", 0.021)])
+def test_k_quantizers_valid_and_accurate(qtype: str, bound: float):
+    x = awkward_values((24, 1024), seed=2)
+    raw = quantize(x, GGMLType[qtype])
+    assert raw.shape == (24, 1024 // 256 * QUANT_BLOCKS[GGMLType[qtype]][1])
+    ours = dequantize(raw, GGMLType[qtype], x.shape)
+    theirs = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(ours.numpy(), theirs)
+    assert torch.all(ours[0, :32] == 0)
+    # per-row relative error (rows have scales from 1e-4 to 1e2)
+    error = ((ours - x).norm(dim=1) / x.norm(dim=1))[3:]
+    assert float(error.max()) < bound, float(error.max())
+
+
+def test_writer_round_trip_through_gguf_py(tmp_path: Path):
+    path = tmp_path / "ours.gguf"
+    writer = GGUFWriter(path, "qwen_image", alignment=64)
+    values = {"a.u8": (7, GGUFValueType.UINT8), "a.i8": (-7, GGUFValueType.INT8), "a.u16": (65535, GGUFValueType.UINT16),
+              "a.i16": (-3, GGUFValueType.INT16), "a.u32": (1 << 31, None), "a.i32": (-5, None),
+              "a.f32": (0.5, None), "a.bool": (True, None), "a.str": ("ünïcode", None),
+              "a.u64": (1 << 40, None), "a.i64": (-(1 << 40), None), "a.f64": (0.1, GGUFValueType.FLOAT64),
+              "a.arr": ([1, 2, 3], None), "a.sarr": (["x", "yy", ""], None), "a.farr": ([0.25, 1.5], None),
+              "a.nested": ([[1, 2], [3]], None)}
+    for key, (value, vtype) in values.items():
+        writer.add(key, value, vtype)
+    x = awkward_values((8, 256), seed=3)
+    tensors = {}
+    for i, qtype in enumerate(["Q8_0", "Q4_K", "Q6_K", "F16", "F32", "BF16", "Q5_1"]):
+        raw = quantize(x, GGMLType[qtype])
+        shape = (2, 4, 256) if i % 2 else (8, 256)
+        writer.add_tensor(f"t.{qtype}", lambda r=raw: r, GGMLType[qtype], shape)  # callables are streamed
+        tensors[f"t.{qtype}"] = (raw, shape)
+    writer.write()
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+    ref = gguf.GGUFReader(str(path))
+    assert ref.fields["general.alignment"].contents() == 64
+    for key, (value, _) in values.items():
+        got = ref.fields[key].contents()
+        if key == "a.nested":
+            value = [1, 2, 3]  # gguf-py flattens nested arrays
+        if isinstance(value, float):
+            assert got == pytest.approx(value)
+        else:
+            assert got == value, key
+    assert [t.name for t in ref.tensors] == list(tensors)
+    for t in ref.tensors:
+        raw, shape = tensors[t.name]
+        assert tuple(int(d) for d in reversed(t.shape.tolist())) == shape
+        assert np.asarray(t.data).tobytes() == raw.numpy().tobytes()
+        assert t.data_offset % 64 == 0
+    ours = GGUFReader(path)
+    assert ours.metadata["a.nested"] == [[1, 2], [3]] and ours.alignment == 64
+
+
+def test_writer_refuses_bad_input(tmp_path: Path):
+    writer = GGUFWriter(tmp_path / "x.gguf")
+    writer.add("k", 1)
+    with pytest.raises(GGUFError, match="twice"):
+        writer.add("k", 2)
+    with pytest.raises(GGUFError, match="multiple"):
+        writer.add_tensor("t", b"", GGMLType.Q8_0, (4, 33))
+    writer.add_tensor("t", b"\0" * 10, GGMLType.Q8_0, (1, 32))
+    with pytest.raises(GGUFError, match="needs 34"):
+        writer.write()
+    assert not any(tmp_path.iterdir())  # nothing half-written left behind
