@@ -22,9 +22,9 @@ from models.testing import factory
 from models.weights import open_checkpoint
 from models.testing.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
 from models.vae_keys import diffusers_to_wan, wan_to_diffusers
+from references import host_tokenizer_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = Path("/root/.cache/qip-scratch/comfyui/comfy/text_encoders/qwen25_tokenizer")
 DIT_DTYPES = ["bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2"]
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp8_e4m3fn_scaled": torch.float8_e4m3fn}
 
@@ -255,12 +255,13 @@ def test_comfy_text_encoder_loads_strict_in_transformers(tmp_path, dtype):
 
 
 def test_hf_text_encoder_folder_loads_with_from_pretrained(tmp_path):
-    folder = factory.make_text_encoder(tmp_path, layout="hf", dtype="bf16", tokenizer_dir=TOKENIZER_DIR)
+    tokenizer_dir = host_tokenizer_dir()
+    folder = factory.make_text_encoder(tmp_path, layout="hf", dtype="bf16", tokenizer_dir=tokenizer_dir)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
                                                           "model-00002-of-00002.safetensors"]
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        assert (folder / name).read_bytes() == (TOKENIZER_DIR / name).read_bytes()
+        assert (folder / name).read_bytes() == (tokenizer_dir / name).read_bytes()
     model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, output_loading_info=True,
                                                                      dtype=torch.float32)
     problems = {k: v for k, v in info.items() if v and k != "error_msgs"}

@@ -232,3 +232,4 @@ def test_interrupt_returns_the_host_to_idle(host):
     assert "execution_interrupted" in messages, messages
     assert stopped_after < 30, f"the interrupt took {stopped_after:.1f} s"
     assert host.run(small_t2i(host, steps=2, seed=22)).images
+
