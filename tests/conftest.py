@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-for path in (REPO_ROOT, REPO_ROOT / "tools"):
+for path in (REPO_ROOT, REPO_ROOT / "tools", REPO_ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
@@ -22,9 +22,10 @@ for path in (REPO_ROOT, REPO_ROOT / "tools"):
 def host_models_dir(tmp_path_factory) -> Path:
     """A ComfyUI models folder holding the tiny checkpoints the workflows use."""
     from models.testing.factory import make_all
+    from references import host_tokenizer_dir
 
     root = tmp_path_factory.mktemp("host-models")
-    make_all(root, seed=0)
+    make_all(root, seed=0, tokenizer_dir=host_tokenizer_dir())
     return root
 
 

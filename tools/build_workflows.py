@@ -76,6 +76,21 @@ Reference settings: 50 steps, CFG 4 (true CFG with norm-preserving rescale), eul
 With a Lightning LoRA (add LoraLoaderModelOnly after the model loader): 4 or 8 steps, CFG 1.
 """
 
+GGUF_NOTE = """\
+**Qwen-Image text-to-image from GGUF** (pack: Qwen-Image / QIP)
+
+| file | folder |
+|---|---|
+| `qwen-image-Q4_K_M.gguf` (or Q2_K ... Q8_0) | `diffusion_models/` |
+| `Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf` **and** its mmproj file (`mmproj-*.gguf` or `*-mmproj-*.gguf`, same folder; \
+needed for editing, no renaming) | `text_encoders/` |
+| `qwen_image_vae.safetensors` | `vae/` |
+
+Quantized weights stay quantized in memory and are dequantized per layer; the modulation layers are dequantized once.
+Reference settings: 50 steps, CFG 4 (true CFG), euler, the Qwen-Image Scheduler.
+"""
+
+
 def text_to_image(model: str, text_encoder: str, note: str) -> dict:
     return build([
         Node(1, "QIP_DiffusionModelLoader", [model, "auto"], outputs=[("MODEL", "MODEL")]),
@@ -109,6 +124,8 @@ def main() -> None:
     outputs = {
         "qwen_image_t2i.json": text_to_image("qwen_image_bf16.safetensors", "qwen_2.5_vl_7b.safetensors",
                                              SAFETENSORS_NOTE),
+        "qwen_image_t2i_gguf.json": text_to_image("qwen-image-Q8_0.gguf", "Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
+                                                  GGUF_NOTE),
     }
     for name, workflow in outputs.items():
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -43,7 +43,8 @@ def _tiny_models(seed: int) -> Path:
 
     folder = env.cache_dir() / f"tiny-models-seed{seed}"
     if not (folder / ".complete").is_file():
-        make_all(folder, seed=seed)
+        tokenizer = env.comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"  # for the GGUF encoder
+        make_all(folder, seed=seed, tokenizer_dir=tokenizer)
         (folder / ".complete").write_text("ok\n")
     return folder
 

@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to fill (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same bytes")
+    parser.add_argument("--tokenizer-dir", type=Path,
+                        help="a Qwen2.5 tokenizer folder (ComfyUI's comfy/text_encoders/qwen25_tokenizer): also "
+                             "writes the GGUF files, whose text encoder carries the tokenizer")
     args = parser.parse_args(argv)
-    for role, path in make_all(args.out_dir, seed=args.seed).items():
+    for role, path in make_all(args.out_dir, seed=args.seed, tokenizer_dir=args.tokenizer_dir).items():
         print(f"{role:16s} {path}  ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

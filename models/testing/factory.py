@@ -504,14 +504,24 @@ def make_lora(out_dir: str | os.PathLike, *, rank: int = 4, lora_format: str = "
     return path
 
 
-def make_all(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """The common set for demos, in ComfyUI's model folders under ``out_dir``: ``diffusion_models/
     qwen_image_bf16.safetensors``, ``vae/qwen_image_vae.safetensors``, ``text_encoders/qwen_2.5_vl_7b.safetensors``,
-    ``loras/qwen_image_tiny_lora_diffusers.safetensors``."""
+    ``loras/qwen_image_tiny_lora_diffusers.safetensors``; with ``tokenizer_dir`` (GGUF text encoders carry their
+    tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf`` and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf``
+    with its mmproj file."""
     out_dir = Path(out_dir)
-    return {
+    written = {
         "diffusion_model": make_dit(out_dir / "diffusion_models", seed=seed),
         "vae": make_vae(out_dir / "vae", seed=seed),
         "text_encoder": make_text_encoder(out_dir / "text_encoders", seed=seed),
         "lora": make_lora(out_dir / "loras", seed=seed),
     }
+    if tokenizer_dir is not None:
+        from .gguf_factory import make_dit_gguf, make_text_encoder_gguf  # it builds on this module
+
+        written["diffusion_model_gguf"] = make_dit_gguf(out_dir / "diffusion_models", qtype="Q8_0", seed=seed)
+        text, mmproj = make_text_encoder_gguf(out_dir / "text_encoders", qtype="Q8_0", seed=seed,
+                                              tokenizer_dir=tokenizer_dir)
+        written.update(text_encoder_gguf=text, mmproj=mmproj)
+    return written
