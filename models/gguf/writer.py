@@ -137,6 +137,7 @@ class GGUFWriter:
 
     def write(self) -> Path:
         """Write the file: temporary name, then :func:`os.replace` onto ``path``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
