@@ -12,10 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import (
-    Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor,
-    Qwen2VLVideoProcessor,
-)
+from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from models import WeightFileError, load_text_encoder
@@ -24,7 +21,7 @@ from models.testing.factory import make_dit, make_text_encoder, make_vae
 from models.text_encoder import TEMPLATES, build_text_encoder, canonical_name, detect_configs
 from models.vision_preprocess import MAX_PIXELS, MIN_PIXELS, preprocess_image, smart_resize
 from models.weights import open_checkpoint
-from test_tokenizer import host_tokenizer_dir  # the single place the host tokenizer is looked up
+from references import host_tokenizer_dir, reference_text_encoder
 
 ATOL = 1e-5
 IMAGE_TOKEN_ID = 151655
@@ -51,36 +48,9 @@ def files(tmp_path_factory, tokenizer_dir):
     }
 
 
-def _dequantized(path) -> dict[str, torch.Tensor]:
-    """A Comfy file's tensors in fp32, "scaled fp8" weights multiplied by their scale_weight."""
-    tensors = load_file(str(path))
-    out = {}
-    for name, tensor in tensors.items():
-        if name == "scaled_fp8" or name.endswith((".scale_weight", ".scale_input")):
-            continue
-        value = tensor.float()
-        scale = tensors.get(name[: -len("weight")] + "scale_weight")
-        out[name] = value * scale.float() if scale is not None else value
-    return out
-
-
-def _reference_model(path) -> Qwen2_5_VLForConditionalGeneration:
-    """transformers' Qwen2.5-VL in fp32 with a Comfy file's weights (transformers 5 module names)."""
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=TINY_TEXT, vision_config=TINY_VISION))
-    state = {}
-    for name, tensor in _dequantized(path).items():
-        if name.startswith("model."):
-            name = "model.language_model." + name[len("model."):]
-        elif name.startswith("visual."):
-            name = "model." + name
-        state[name] = tensor
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def reference(files):
-    return _reference_model(files["fp32"])
+    return reference_text_encoder(files["fp32"])
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +252,7 @@ def test_bf16_file(files, tokenizer_dir, processor):
     assert loaded.model.model.layers[1].self_attn.q_proj.weight.dtype == torch.float32
     arrays = _images([(28 * 4, 28 * 6)], seed=8)
     emb, _ = loaded.encode(PROMPT, _floats(arrays), template="edit")
-    expected = _reference_encode(_reference_model(files["bf16"]), processor, PROMPT, arrays, "edit")
+    expected = _reference_encode(reference_text_encoder(files["bf16"]), processor, PROMPT, arrays, "edit")
     assert _max_error(emb, expected) <= ATOL
 
 
@@ -293,7 +263,7 @@ def test_scaled_fp8_stays_fp8(files, tokenizer_dir, processor):
     assert loaded.model.visual.blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn
     arrays = _images([(28 * 6, 28 * 4), (56, 84)], seed=9)
     emb, _ = loaded.encode(PROMPT, _floats(arrays), template="edit_plus")
-    expected = _reference_encode(_reference_model(files["fp8"]), processor, PROMPT, arrays, "edit_plus")
+    expected = _reference_encode(reference_text_encoder(files["fp8"]), processor, PROMPT, arrays, "edit_plus")
     assert _max_error(emb, expected) <= ATOL
 
 

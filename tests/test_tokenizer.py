@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,20 +10,7 @@ import pytest
 from transformers import AutoTokenizer, Qwen2Tokenizer
 
 from models.tokenizer import QwenTokenizer, TokenizerNotFoundError, find_tokenizer
-
-_SCRATCH_COMFYUI = Path("/root/.cache/qip-scratch/comfyui")
-_TOKENIZER_SUBDIR = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
-
-
-def host_tokenizer_dir() -> Path:
-    """The host's Qwen2.5 tokenizer folder (vocab.json, merges.txt, tokenizer_config.json); the one place tests
-    look for it: ``$COMFYUI_PATH/comfy/text_encoders/qwen25_tokenizer``, else the scratch ComfyUI tree."""
-    roots = [Path(os.environ["COMFYUI_PATH"])] if os.environ.get("COMFYUI_PATH") else []
-    for root in roots + [_SCRATCH_COMFYUI]:
-        if (root / _TOKENIZER_SUBDIR / "vocab.json").is_file():
-            return root / _TOKENIZER_SUBDIR
-    pytest.fail(f"the Qwen2.5 tokenizer files were not found under {[str(r / _TOKENIZER_SUBDIR) for r in roots + [_SCRATCH_COMFYUI]]}")
-
+from references import host_tokenizer_dir
 
 CORPUS = [
     "A photo of a red fox sitting in the snow, golden hour, 35mm.",
