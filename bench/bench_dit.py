@@ -195,7 +195,7 @@ def write_synthetic_file(path: Path, blocks: int, fp8: bool) -> int:
 
 
 _LOAD_SCRIPT = """
-import resource, sys, torch
+import json, resource, sys, torch
 sys.path.insert(0, {repo!r})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from models import load_diffusion_model
@@ -207,14 +207,14 @@ weights = {{}}
 for n, p in model.named_parameters():
     weights.setdefault(str(p.dtype), [0, 0])
     weights[str(p.dtype)][0] += p.numel(); weights[str(p.dtype)][1] += p.numel() * p.element_size()
-print(repr({{"after_import_kb": after_import, "peak_kb": peak, "weights": weights}}))
+print(json.dumps({{"after_import_kb": after_import, "peak_kb": peak, "weights": weights}}))
 """
 
 
 def measure_load(path: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT.format(repo=str(REPO), path=str(path))],
                          capture_output=True, text=True, check=True)
-    return eval(out.stdout.strip().splitlines()[-1])  # our own repr of a dict of numbers
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def mode_memory(args) -> None:
