@@ -216,7 +216,8 @@ def test_diffusers_folder_config_flag(files):
     assert load_diffusion_model(files["edit2511_diffusers"]).config.zero_cond_t
 
 
-def test_gguf_needs_the_gguf_reader(tmp_path):
+def test_broken_gguf_is_a_weight_file_error(tmp_path):
+    """.gguf paths go to the GGUF reader (models.dit_loader._open_gguf); a broken file is a WeightFileError."""
     path = tmp_path / "qwen-image-Q4_K_M.gguf"
     path.write_bytes(b"GGUF")
     with pytest.raises(WeightFileError, match="GGUF"):
