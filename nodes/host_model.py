@@ -28,6 +28,7 @@ import comfy.model_patcher
 import comfy.supported_models_base
 
 from ..models.dit import QwenImageDiT
+from ..models.gguf.layers import GGUFOps, QuantizedTensor
 from ..models.schedule import image_tokens, resolution_shift
 
 logger = logging.getLogger("qwen_image")
@@ -132,6 +133,58 @@ class QwenImageHostModel(_HostBase):
         if not references:
             return {}
         return {"ref_latents": [1, 16, sum(math.prod(r.shape) for r in references) // 16]}
+
+
+class _HostPatchable:
+    """Lets the host's weight patches (LoRA loaders, model merging) reach GGUF weights.
+
+    The ModelPatcher looks for ``convert_weight`` / ``set_weight`` on a layer (its hook for weights that are not
+    plain tensors): it asks for the weight dequantized, applies its patches in fp32, and hands the result back.
+    We keep the packed weight and store the difference as the layer's LoRA delta, which the layer merges once
+    into a cached dense weight (not on every call).  When the host restores its backup (a new Parameter object),
+    the delta no longer belongs to the weight and is dropped.
+    """
+
+    _patched_for: torch.Tensor | None = None
+
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
+        return weight.dequantize(torch.float32) if isinstance(weight, QuantizedTensor) else weight
+
+    def set_weight(self, patched: torch.Tensor, inplace_update: bool = False, seed: int = 0, **kwargs) -> None:
+        base = self.convert_weight(self.weight.to(patched.device)).float()
+        self.set_lora(patched.float() - base)
+        self.__dict__["_patched_for"] = self.weight  # a reference, not a registered parameter
+
+    def _weight(self, like: torch.Tensor):
+        if self._lora is not None and self._patched_for is not None and self.weight is not self._patched_for:
+            self.set_lora(None)
+            self.__dict__["_patched_for"] = None
+        return super()._weight(like)
+
+
+class HostGGUFOps(GGUFOps):
+    """GGUF layers the host's ModelPatcher can patch (see :class:`_HostPatchable`)."""
+
+    class Linear(_HostPatchable, GGUFOps.Linear):
+        pass
+
+    class Conv2d(_HostPatchable, GGUFOps.Conv2d):
+        pass
+
+    class Conv3d(_HostPatchable, GGUFOps.Conv3d):
+        pass
+
+    class LayerNorm(_HostPatchable, GGUFOps.LayerNorm):
+        pass
+
+    class GroupNorm(_HostPatchable, GGUFOps.GroupNorm):
+        pass
+
+    class RMSNorm(_HostPatchable, GGUFOps.RMSNorm):
+        pass
+
+    class Embedding(_HostPatchable, GGUFOps.Embedding):
+        pass
 
 
 def wrap_diffusion_model(dit: HostQwenImageDiT, weight_dtype: torch.dtype,

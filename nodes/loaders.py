@@ -20,7 +20,7 @@ from ..models.vae import load_vae
 from ..models.weights import FLOAT8_DTYPES, open_checkpoint
 from .common import CATEGORY, mappings
 from .host_components import HostTextEncoder, HostVAE
-from .host_model import HostQwenImageDiT, wrap_diffusion_model
+from .host_model import HostGGUFOps, HostQwenImageDiT, wrap_diffusion_model
 from .model_files import list_models, register_gguf_extension, resolve
 
 logger = logging.getLogger("qwen_image")
@@ -38,37 +38,29 @@ def _host_tokenizer_dir() -> str:
     return os.path.join(os.path.dirname(comfy.ops.__file__), "text_encoders", "qwen25_tokenizer")
 
 
-def _stored_format(path: str) -> tuple[torch.dtype | None, bool]:
-    """(dtype of the attention weights, whether the file is "scaled" fp8); (None, False) for GGUF."""
-    if path.lower().endswith(".gguf"):
-        return None, False
-    checkpoint = open_checkpoint(path)  # header only
-    scaled = any(name.endswith(".scale_weight") for name in checkpoint)
-    for name in checkpoint:
-        if name.endswith(("attn.to_q.weight", "self_attn.q_proj.weight")):
-            return checkpoint.dtype(name), scaled
-    return None, scaled
-
-
 def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     if DTYPES[choice] is not None:
         return DTYPES[choice]
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
-def _host_ops(stored: torch.dtype | None, scaled: bool, compute: torch.dtype):
-    """The host's layer classes, so its low-VRAM casting, offloading and LoRA weight functions apply."""
-    if stored is None:
-        return None  # GGUF: the loader's quantized layers
-    if scaled:
+def _host_ops(path: str, compute: torch.dtype):
+    """The layer classes for a file, so the host's casting, offloading and weight patches (LoRA) apply, and the
+    dtype the weights are stored in."""
+    if path.lower().endswith(".gguf"):
+        return HostGGUFOps, None  # quantized layers the host's ModelPatcher can patch
+    checkpoint = open_checkpoint(path)  # header only
+    stored = next((checkpoint.dtype(n) for n in checkpoint if n.endswith(("attn.to_q.weight", "q_proj.weight"))),
+                  compute)
+    if any(name.endswith(".scale_weight") for name in checkpoint):
         scaled_ops = getattr(comfy.ops, "scaled_fp8_ops", None)
         if scaled_ops is None:
             logger.warning("Qwen-Image: this ComfyUI has no scaled_fp8_ops; scaled fp8 runs without host casting")
-            return None
-        return scaled_ops(fp8_matrix_mult=False, scale_input=False, override_dtype=stored)
-    if stored in FLOAT8_DTYPES or stored != compute:
-        return comfy.ops.manual_cast
-    return comfy.ops.disable_weight_init
+            return None, stored
+        return scaled_ops(fp8_matrix_mult=False, scale_input=False, override_dtype=stored), stored
+    if stored in FLOAT8_DTYPES:
+        return comfy.ops.manual_cast, stored
+    return comfy.ops.disable_weight_init, compute
 
 
 class DiffusionModelLoader:
@@ -92,10 +84,10 @@ class DiffusionModelLoader:
     def load(self, model_name: str, weight_dtype: str):
         path = resolve("diffusion_models", model_name)
         load_device = mm.get_torch_device()
-        stored, scaled = _stored_format(path)
         compute = _compute_dtype(weight_dtype, load_device)
-        dit = load_diffusion_model(path, dtype=compute, device=mm.unet_offload_device(),
-                                   ops=_host_ops(stored, scaled, compute), model_class=HostQwenImageDiT)
+        ops, stored = _host_ops(path, compute)
+        dit = load_diffusion_model(path, dtype=compute, device=mm.unet_offload_device(), ops=ops,
+                                   model_class=HostQwenImageDiT)
         storage = stored if stored in FLOAT8_DTYPES else compute
         return (wrap_diffusion_model(dit, storage, compute if storage != compute else None),)
 
@@ -122,10 +114,9 @@ class TextEncoderLoader:
     def load(self, text_encoder_name: str, weight_dtype: str):
         path = resolve("text_encoders", text_encoder_name)
         load_device = mm.text_encoder_device()
-        stored, scaled = _stored_format(path)
         compute = _compute_dtype(weight_dtype, load_device)
         encoder = load_text_encoder(path, dtype=compute, device=mm.text_encoder_offload_device(),
-                                    ops=_host_ops(stored, scaled, compute), host_tokenizer_dirs=[_host_tokenizer_dir()])
+                                    ops=_host_ops(path, compute)[0], host_tokenizer_dirs=[_host_tokenizer_dir()])
         logger.info("Qwen-Image text encoder: %s (%s, vision tower: %s)", text_encoder_name, compute,
                     "yes" if encoder.has_vision else "no")
         return (HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device()),)

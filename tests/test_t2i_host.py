@@ -149,36 +149,40 @@ def test_host_ksampler_and_vae_nodes_interoperate_with_ours(host):
     assert (latents["encours"] - latents["enchost"]).abs().max() < 1e-3
 
 
-def _merged_dit(models_dir: Path, lora_path: Path, strength: float) -> str:
-    """The tiny DiT with the LoRA merged in (fp32), saved as a new single file next to it."""
-    weights = comfy_tensors(models_dir / "diffusion_models" / "qwen_image_bf16.safetensors")
+def _merged_dit(models_dir: Path, base: str, lora_path: Path, strength: float) -> str:
+    """The tiny DiT ``base`` (safetensors or GGUF, dequantized) with the LoRA merged in, saved as an fp32 file."""
+    path = models_dir / "diffusion_models" / base
+    if path.suffix == ".gguf":
+        from models.gguf import load_gguf_state_dict
+
+        weights = load_gguf_state_dict(path, dequantize=True, dtype=torch.float32)
+    else:
+        weights = {k.removeprefix(DIT_PREFIX): v for k, v in comfy_tensors(path).items()}
     lora = load_file(str(lora_path))
     for block in range(TINY_DIT["num_layers"]):
         for target in LORA_TARGETS:
             module = f"transformer_blocks.{block}.{target}"
             down = lora[f"transformer.{module}.lora_A.weight"].float()
             up = lora[f"transformer.{module}.lora_B.weight"].float()
-            key = DIT_PREFIX + module + ".weight" if DIT_PREFIX + module + ".weight" in weights else module + ".weight"
-            weights[key] = weights[key] + strength * (up @ down)
-    name = "qwen_image_lora_merged_fp32.safetensors"
-    save_file(weights, str(models_dir / "diffusion_models" / name))
+            weights[module + ".weight"] = weights[module + ".weight"] + strength * (up @ down)
+    name = f"merged_{path.stem}_fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(models_dir / "diffusion_models" / name))
     return name
 
 
-def test_host_lora_loader_changes_the_output_exactly_like_merging(host, host_models_dir):
+@pytest.mark.parametrize("base", ["qwen_image_bf16.safetensors", "qwen-image-Q8_0.gguf"])
+def test_host_lora_loader_changes_the_output_exactly_like_merging(host, host_models_dir, base):
     strength = 0.8
-    merged = _merged_dit(host_models_dir, host_models_dir / "loras" / "qwen_image_tiny_lora_diffusers.safetensors",
-                         strength)
+    lora_name = "qwen_image_tiny_lora_diffusers.safetensors"
+    merged = _merged_dit(host_models_dir, base, host_models_dir / "loras" / lora_name, strength)
     outputs = {}
     for case in ("plain", "lora", "merged"):
         graph = small_t2i(host, steps=3, seed=5)
         loader = node_id(graph, "QIP_DiffusionModelLoader")
-        if case == "merged":
-            graph[loader]["inputs"]["model_name"] = merged
+        graph[loader]["inputs"]["model_name"] = merged if case == "merged" else base
         if case == "lora":
             graph["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-                "model": [loader, 0], "lora_name": "qwen_image_tiny_lora_diffusers.safetensors",
-                "strength_model": strength}}
+                "model": [loader, 0], "lora_name": lora_name, "strength_model": strength}}
             for node in graph.values():
                 for name, value in node["inputs"].items():
                     if value == [loader, 0] and node["class_type"] != "LoraLoaderModelOnly":
@@ -188,6 +192,11 @@ def test_host_lora_loader_changes_the_output_exactly_like_merging(host, host_mod
     assert "lora key not loaded" not in host.log_text()
     assert (outputs["lora"] - outputs["plain"]).abs().max() > 1e-2, "the LoRA did not change the output"
     assert (outputs["lora"] - outputs["merged"]).abs().max() < 1e-4
+    # The patch is undone when the LoRA is not used any more: the plain model gives its plain output again.
+    graph = small_t2i(host, steps=3, seed=5)
+    graph[node_id(graph, "QIP_DiffusionModelLoader")]["inputs"]["model_name"] = base
+    save_latent(graph, [node_id(graph, "SamplerCustomAdvanced"), 0], "plain_again")
+    assert torch.equal(read_latent(host.run(graph)), outputs["plain"])
 
 
 def _host_rss_mb(host) -> float:

@@ -67,8 +67,10 @@ class QuantizedTensor(torch.Tensor):
         name = getattr(func, "__name__", "")
         if name == "to":
             # Only the device can change: a float dtype would reinterpret packed bytes as numbers.
+            copy = bool(kwargs.pop("copy", False))
             device, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
             kwargs = {"device": device, "non_blocking": non_blocking} if device is not None else {}
+            kwargs["copy"] = copy
             args = args[:1]
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
@@ -116,6 +118,14 @@ def _lora_delta(deltas: Sequence[LoraDelta] | torch.Tensor, shape: torch.Size, d
     return total
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """In-place change counter; inference-mode tensors have none (and cannot be changed in place)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 class _GGUFLayer:
     """Weight handling shared by every GGUFOps layer: just-in-time dequantization, caches, LoRA merging."""
 
@@ -147,7 +157,7 @@ class _GGUFLayer:
         quantized = isinstance(weight, QuantizedTensor)
         if self._lora is None and not (quantized and self.cache_dequantized):
             return _dense(weight, like) if quantized else cast_weight(self, like)
-        key = (id(weight), weight._version, like.dtype, like.device)
+        key = (id(weight), _version(weight), like.dtype, like.device)
         if self._cache_key != key:
             self._cached = None  # free the old cache before building the new one
             if self._lora is None:
