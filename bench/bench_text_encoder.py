@@ -29,7 +29,10 @@ from models.text_encoder import TEMPLATES, build_text_encoder  # noqa: E402
 from models.tokenizer import find_tokenizer  # noqa: E402
 from models.vision_preprocess import MAX_PIXELS, MIN_PIXELS  # noqa: E402
 
-SCRATCH_TOKENIZER = Path("/root/.cache/qip-scratch/comfyui/comfy/text_encoders/qwen25_tokenizer")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from env import comfyui_path  # noqa: E402
+
+HOST_TOKENIZER = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
 
 def _timed(fn):
@@ -52,7 +55,7 @@ def main() -> None:
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    tokenizer = find_tokenizer(explicit=args.tokenizer, host_dirs=[SCRATCH_TOKENIZER])
+    tokenizer = find_tokenizer(explicit=args.tokenizer, host_dirs=[HOST_TOKENIZER])
     full_att = [args.vision_depth - 1]  # one full-attention block, the last (as blocks 7/15/23/31 end groups of 8)
     text_cfg = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=args.layers,
                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,

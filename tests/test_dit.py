@@ -16,7 +16,9 @@ from models.dit_loader import dit_from_tensors
 from models.rope import apply_rope, msrope_positions, rope_angles, rope_table
 from models.testing.configs import TINY_DIT
 
-COMFYUI_DIR = Path("/root/.cache/qip-scratch/comfyui")
+from env import comfyui_path  # noqa: E402
+
+COMFYUI_DIR = comfyui_path()  # the host the tests run: COMFYUI_PATH or the pinned 0.3.75
 ATOL = 1e-5
 
 
