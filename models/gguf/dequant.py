@@ -32,29 +32,48 @@ def _const(name: str, values: Sequence[int], dtype: torch.dtype, device: torch.d
     return _constants[key]
 
 
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+class _Workspace:
+    """Scratch tensors reused from chunk to chunk (sized by the first, largest chunk), so the loop allocates
+    nothing: fresh memory costs page faults, which can dominate simple integer kernels."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:] or buf.dtype != dtype:
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf[:shape[0]]
+
+
+def _f16(ws: _Workspace, blocks: torch.Tensor, start: int, key: str) -> torch.Tensor:
     """The fp16 field at byte ``start`` of each block, as fp32 ``[n, 1]``."""
+    out = ws.get(key, (blocks.shape[0], 1), torch.float32)
     if blocks.storage_offset() % 2 or blocks.stride(0) % 2:
-        return blocks[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32)
+        return out.copy_(blocks[:, start:start + 2].contiguous().view(torch.float16))
     # every block size and field offset is even: read the field through a 16-bit view, no byte gather
-    return blocks.view(torch.float16)[:, start // 2:start // 2 + 1].to(torch.float32)
+    return out.copy_(blocks.view(torch.float16)[:, start // 2:start // 2 + 1])
 
 
-def _nibbles(qs: torch.Tensor, groups: int) -> torch.Tensor:
+def _nibbles(ws: _Workspace, qs: torch.Tensor, groups: int, key: str) -> torch.Tensor:
     """Split bytes ``[n, groups * k]`` into ``[n, groups, 2, k]`` uint8: low nibbles, then high nibbles."""
     n = qs.shape[0]
     qs = qs.reshape(n, groups, 1, -1)
-    out = torch.empty(n, groups, 2, qs.shape[-1], dtype=torch.uint8, device=qs.device)
+    out = ws.get(key, (n, groups, 2, qs.shape[-1]))
     torch.bitwise_and(qs, 0x0F, out=out[:, :, :1])
     torch.bitwise_right_shift(qs, 4, out=out[:, :, 1:])
     return out
 
 
-def _bits(bytes_: torch.Tensor, width: int, count: int) -> torch.Tensor:
+def _bits(ws: _Workspace, bytes_: torch.Tensor, width: int, count: int, key: str) -> torch.Tensor:
     """``bytes_ [n, g, 1, k] >> (0, width, 2*width, ...)`` masked to ``width`` bits: ``[n, g, count, k]``."""
     shifts = _const(f"shift{width}x{count}", [width * i for i in range(count)], torch.uint8, bytes_.device,
                     (1, 1, count, 1))
-    return torch.bitwise_and(torch.bitwise_right_shift(bytes_, shifts), (1 << width) - 1)
+    n, g, _, k = bytes_.shape
+    out = ws.get(key, (n, g, count, k))
+    torch.bitwise_right_shift(bytes_, shifts, out=out)
+    return out.bitwise_and_((1 << width) - 1)
 
 
 def _scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -64,136 +83,146 @@ def _scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Te
     return out
 
 
-# -- kernels: (blocks uint8 [n, type_size], out fp32 [n, block_elems]) -> out ----------------------------------
-
-def _q8_0(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return _scaled(b[:, 2:].view(torch.int8), _f16(b, 0), out)
-
-
-def _q4_0(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 2:], 1).view(torch.int8).sub_(8).reshape(-1, 32)
-    return _scaled(q, _f16(b, 0), out)
+def _times(ws: _Workspace, d: torch.Tensor, values: torch.Tensor, key: str) -> torch.Tensor:
+    """``d [n, 1] * float(values [n, m])`` in fp32."""
+    out = ws.get(key, tuple(values.shape), torch.float32)
+    return _scaled(values, d, out)
 
 
-def _q4_1(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 4:], 1).reshape(-1, 32)
-    return _scaled(q, _f16(b, 0), out).add_(_f16(b, 2))
+# -- kernels: (workspace, blocks uint8 [n, type_size], out fp32 [n, block_elems]) -> out ----------------------
+
+def _q8_0(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return _scaled(b[:, 2:].view(torch.int8), _f16(ws, b, 0, "d"), out)
 
 
-def _q5_low_high(b: torch.Tensor, qh_at: int) -> torch.Tensor:
+def _q4_0(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(ws, b[:, 2:], 1, "q").view(torch.int8).sub_(8).view(-1, 32)
+    return _scaled(q, _f16(ws, b, 0, "d"), out)
+
+
+def _q4_1(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(ws, b[:, 4:], 1, "q").view(-1, 32)
+    return _scaled(q, _f16(ws, b, 0, "d"), out).add_(_f16(ws, b, 2, "m"))
+
+
+def _q5_values(ws: _Workspace, b: torch.Tensor, qh_at: int) -> torch.Tensor:
     """5-bit values of Q5_0/Q5_1: low nibbles from ``qs``, bit 4 from the 32-bit ``qh`` (bit i -> element i)."""
-    ql = _nibbles(b[:, qh_at + 4:], 1).reshape(-1, 32)
-    qh = _bits(b[:, qh_at:qh_at + 4].reshape(-1, 4, 1, 1), 1, 8).reshape(-1, 32)
+    ql = _nibbles(ws, b[:, qh_at + 4:], 1, "ql").view(-1, 32)
+    qh = _bits(ws, b[:, qh_at:qh_at + 4].reshape(-1, 4, 1, 1), 1, 8, "qh").view(-1, 32)
     return ql.bitwise_or_(qh.bitwise_left_shift_(4))
 
 
-def _q5_0(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    q = _q5_low_high(b, 2).view(torch.int8).sub_(16)
-    return _scaled(q, _f16(b, 0), out)
+def _q5_0(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    q = _q5_values(ws, b, 2).view(torch.int8).sub_(16)
+    return _scaled(q, _f16(ws, b, 0, "d"), out)
 
 
-def _q5_1(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return _scaled(_q5_low_high(b, 4), _f16(b, 0), out).add_(_f16(b, 2))
+def _q5_1(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return _scaled(_q5_values(ws, b, 4), _f16(ws, b, 0, "d"), out).add_(_f16(ws, b, 2, "m"))
 
 
-def _q2_k(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _q2_k(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     scales = b[:, :16]
-    d, dmin = _f16(b, 80), _f16(b, 82)
-    dl = (d * torch.bitwise_and(scales, 0x0F)).reshape(n, 16, 1)
-    ml = (dmin * torch.bitwise_right_shift(scales, 4)).reshape(n, 16, 1)
-    q = _bits(b[:, 16:80].reshape(n, 2, 1, 32), 2, 4).reshape(n, 16, 16)
-    o = out.view(n, 16, 16)
-    _scaled(q, dl, o).sub_(ml)
+    low = torch.bitwise_and(scales, 0x0F, out=ws.get("sl", (n, 16)))
+    high = torch.bitwise_right_shift(scales, 4, out=ws.get("sh", (n, 16)))
+    dl = _times(ws, _f16(ws, b, 80, "d"), low, "dl").view(n, 16, 1)
+    ml = _times(ws, _f16(ws, b, 82, "dmin"), high, "ml").view(n, 16, 1)
+    q = _bits(ws, b[:, 16:80].reshape(n, 2, 1, 32), 2, 4, "q").view(n, 16, 16)
+    _scaled(q, dl, out.view(n, 16, 16)).sub_(ml)
     return out
 
 
-def _q3_k(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _q3_k(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     hmask, qs, sc = b[:, :32], b[:, 32:96], b[:, 96:108]
-    d = _f16(b, 108)
-    low = _nibbles(sc[:, :8], 1).reshape(n, 16)
-    high = _bits(sc[:, 8:12].reshape(n, 1, 1, 4), 2, 4).reshape(n, 16)
+    low = _nibbles(ws, sc[:, :8], 1, "sl").view(n, 16)
+    high = _bits(ws, sc[:, 8:12].reshape(n, 1, 1, 4), 2, 4, "sh").view(n, 16)
     scales = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
-    dl = (d * scales).reshape(n, 16, 1)
-    ql = _bits(qs.reshape(n, 2, 1, 32), 2, 4).reshape(n, 16, 16)
+    dl = _times(ws, _f16(ws, b, 108, "d"), scales, "dl").view(n, 16, 1)
+    ql = _bits(ws, qs.reshape(n, 2, 1, 32), 2, 4, "ql").view(n, 16, 16)
     # a cleared hmask bit means "subtract 4"
-    qh = _bits(hmask.reshape(n, 1, 1, 32), 1, 8).reshape(n, 16, 16).bitwise_xor_(1).bitwise_left_shift_(2)
+    qh = _bits(ws, hmask.reshape(n, 1, 1, 32), 1, 8, "qh").view(n, 16, 16).bitwise_xor_(1).bitwise_left_shift_(2)
     q = ql.view(torch.int8).sub_(qh.view(torch.int8))
     _scaled(q, dl, out.view(n, 16, 16))
     return out
 
 
-def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _k_scale_min(ws: _Workspace, sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 six-bit scales and mins packed in the 12 bytes of Q4_K / Q5_K."""
     n = sc.shape[0]
     d, m, md = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
-    scales = torch.empty(n, 8, dtype=torch.uint8, device=sc.device)
-    mins = torch.empty_like(scales)
+    scales, mins, tmp = ws.get("sc", (n, 8)), ws.get("mn", (n, 8)), ws.get("tmp", (n, 4))
     torch.bitwise_and(d, 0x3F, out=scales[:, :4])
-    torch.bitwise_or(torch.bitwise_and(md, 0x0F), torch.bitwise_and(torch.bitwise_right_shift(d, 2), 0x30),
-                     out=scales[:, 4:])
+    torch.bitwise_right_shift(d, 2, out=tmp).bitwise_and_(0x30)
+    torch.bitwise_and(md, 0x0F, out=scales[:, 4:]).bitwise_or_(tmp)
     torch.bitwise_and(m, 0x3F, out=mins[:, :4])
-    torch.bitwise_or(torch.bitwise_right_shift(md, 4), torch.bitwise_and(torch.bitwise_right_shift(m, 2), 0x30),
-                     out=mins[:, 4:])
+    torch.bitwise_right_shift(m, 2, out=tmp).bitwise_and_(0x30)
+    torch.bitwise_right_shift(md, 4, out=mins[:, 4:]).bitwise_or_(tmp)
     return scales, mins
 
 
-def _q4_k(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _k_header(ws: _Workspace, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: per-sub-block ``d * sc`` and ``dmin * m`` as fp32 ``[n, 8, 1]``."""
     n = b.shape[0]
-    sc, mn = _k_scale_min(b[:, 4:16])
-    dl = (_f16(b, 0) * sc).reshape(n, 8, 1)
-    ml = (_f16(b, 2) * mn).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], 4).reshape(n, 8, 32)
+    sc, mn = _k_scale_min(ws, b[:, 4:16])
+    dl = _times(ws, _f16(ws, b, 0, "d"), sc, "dl").view(n, 8, 1)
+    ml = _times(ws, _f16(ws, b, 2, "dmin"), mn, "ml").view(n, 8, 1)
+    return dl, ml
+
+
+def _q4_k(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    dl, ml = _k_header(ws, b)
+    q = _nibbles(ws, b[:, 16:], 4, "q").view(n, 8, 32)
     _scaled(q, dl, out.view(n, 8, 32)).sub_(ml)
     return out
 
 
-def _q5_k(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _q5_k(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    sc, mn = _k_scale_min(b[:, 4:16])
-    dl = (_f16(b, 0) * sc).reshape(n, 8, 1)
-    ml = (_f16(b, 2) * mn).reshape(n, 8, 1)
-    ql = _nibbles(b[:, 48:], 4).reshape(n, 8, 32)
-    qh = _bits(b[:, 16:48].reshape(n, 1, 1, 32), 1, 8).reshape(n, 8, 32)
+    dl, ml = _k_header(ws, b)
+    ql = _nibbles(ws, b[:, 48:], 4, "ql").view(n, 8, 32)
+    qh = _bits(ws, b[:, 16:48].reshape(n, 1, 1, 32), 1, 8, "qh").view(n, 8, 32)
     q = ql.bitwise_or_(qh.bitwise_left_shift_(4))
     _scaled(q, dl, out.view(n, 8, 32)).sub_(ml)
     return out
 
 
-def _q6_k(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _q6_k(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    scales = b[:, 192:208].view(torch.int8)
-    dl = (_f16(b, 208) * scales).reshape(n, 16, 1)
-    ql = _nibbles(b[:, :128], 2).reshape(n, 8, 32)
-    qh = _bits(b[:, 128:192].reshape(n, 2, 1, 32), 2, 4).reshape(n, 8, 32)
-    q = ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).sub_(32).reshape(n, 16, 16)
+    dl = _times(ws, _f16(ws, b, 208, "d"), b[:, 192:208].view(torch.int8), "dl").view(n, 16, 1)
+    ql = _nibbles(ws, b[:, :128], 2, "ql").view(n, 8, 32)
+    qh = _bits(ws, b[:, 128:192].reshape(n, 2, 1, 32), 2, 4, "qh").view(n, 8, 32)
+    q = ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).sub_(32).view(n, 16, 16)
     _scaled(q, dl, out.view(n, 16, 16))
     return out
 
 
-def _iq4_lookup(idx: torch.Tensor) -> torch.Tensor:
+def _iq4_lookup(ws: _Workspace, idx: torch.Tensor) -> torch.Tensor:
     table = _const("iq4nl", IQ4_NL_VALUES, torch.float32, idx.device, (16,))
-    return table[idx.to(torch.int32)]
+    flat = ws.get("idx", (idx.numel(),), torch.int32).copy_(idx.reshape(-1))
+    values = ws.get("values", (idx.numel(),), torch.float32)
+    return torch.index_select(table, 0, flat, out=values).view(idx.shape)
 
 
-def _iq4_nl(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    values = _iq4_lookup(_nibbles(b[:, 2:], 1).reshape(-1, 32))
-    return torch.mul(_f16(b, 0), values, out=out)
+def _iq4_nl(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    values = _iq4_lookup(ws, _nibbles(ws, b[:, 2:], 1, "q").view(-1, 32))
+    return torch.mul(_f16(ws, b, 0, "d"), values, out=out)
 
 
-def _iq4_xs(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _iq4_xs(ws: _Workspace, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    low = _nibbles(b[:, 4:8].reshape(n, 4, 1), 4).reshape(n, 8)  # scale j: nibble j % 2 of byte j // 2
-    high = _bits(b[:, 2:4].reshape(n, 2, 1, 1), 2, 4).reshape(n, 8)  # scale j: bits 2j..2j+1 of the u16
+    low = _nibbles(ws, b[:, 4:8].reshape(n, 4, 1), 4, "sl").view(n, 8)  # scale j: nibble j % 2 of byte j // 2
+    high = _bits(ws, b[:, 2:4].reshape(n, 2, 1, 1), 2, 4, "sh").view(n, 8)  # scale j: bits 2j, 2j+1 of the u16
     scales = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
-    dl = (_f16(b, 0) * scales).reshape(n, 8, 1)
-    values = _iq4_lookup(_nibbles(b[:, 8:], 8).reshape(n, 8, 32))
+    dl = _times(ws, _f16(ws, b, 0, "d"), scales, "dl").view(n, 8, 1)
+    values = _iq4_lookup(ws, _nibbles(ws, b[:, 8:], 8, "q").view(n, 8, 32))
     torch.mul(dl, values, out=out.view(n, 8, 32))
     return out
 
 
-_KERNELS: dict[GGMLType, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+_KERNELS: dict[GGMLType, Callable[[_Workspace, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     GGMLType.Q8_0: _q8_0, GGMLType.Q4_0: _q4_0, GGMLType.Q4_1: _q4_1, GGMLType.Q5_0: _q5_0,
     GGMLType.Q5_1: _q5_1, GGMLType.Q2_K: _q2_k, GGMLType.Q3_K: _q3_k, GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k, GGMLType.Q6_K: _q6_k, GGMLType.IQ4_NL: _iq4_nl, GGMLType.IQ4_XS: _iq4_xs,
@@ -230,11 +259,12 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType | int, shape: Sequence[int],
     chunk_elements = _CPU_CHUNK_ELEMENTS if raw.device.type == "cpu" else _GPU_CHUNK_ELEMENTS
     chunk = max(1, chunk_elements // block)
     kernel = _KERNELS[qtype]
-    scratch = None if dtype == torch.float32 else torch.empty(min(chunk, n_blocks), block, device=raw.device)
+    ws = _Workspace(raw.device)
     for start in range(0, n_blocks, chunk):
         stop = min(start + chunk, n_blocks)
-        if scratch is None:
-            kernel(blocks[start:stop], out[start:stop])
+        if dtype == torch.float32:
+            kernel(ws, blocks[start:stop], out[start:stop])
         else:
-            out[start:stop].copy_(kernel(blocks[start:stop], scratch[:stop - start]))
+            fp32 = ws.get("fp32", (stop - start, block), torch.float32)
+            out[start:stop].copy_(kernel(ws, blocks[start:stop], fp32))
     return out.reshape(shape)
