@@ -35,13 +35,21 @@ def exponential_shift(mu: float, sigma: torch.Tensor) -> torch.Tensor:
     return e_mu / (e_mu + (torch.ones_like(sigma) / sigma - 1))
 
 
-def flow_sigmas(steps: int, mu: float, terminal: float | None = TERMINAL_SIGMA) -> torch.Tensor:
-    """The ``steps + 1`` sigmas (last one 0) of the reference schedule, float32."""
+def linear_timesteps(steps: int) -> torch.Tensor:
+    """``linspace(1, 1/steps, steps)`` in float32: the unshifted timesteps of the reference."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).to(torch.float32)
-    sigmas = exponential_shift(mu, sigmas)
-    if terminal and steps > 1:  # one step has nothing to stretch (its only sigma is 1)
+    return torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).to(torch.float32)
+
+
+def finish_schedule(sigmas: torch.Tensor, terminal: float | None = TERMINAL_SIGMA) -> torch.Tensor:
+    """Stretch shifted sigmas so the last equals ``terminal`` (when given), then append the final 0."""
+    if terminal and len(sigmas) > 1:  # one step has nothing to stretch (its only sigma is 1)
         one_minus = 1 - sigmas
         sigmas = 1 - one_minus / (one_minus[-1] / (1 - terminal))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def flow_sigmas(steps: int, mu: float, terminal: float | None = TERMINAL_SIGMA) -> torch.Tensor:
+    """The ``steps + 1`` sigmas (last one 0) of the reference schedule, float32."""
+    return finish_schedule(exponential_shift(mu, linear_timesteps(steps)), terminal)

@@ -203,7 +203,8 @@ def assign_weights(
         if name not in expected:
             if leaf in ("scale_weight", "scale_input"):
                 owner = module.get_submodule(owner_name) if owner_name else module
-                owner.register_buffer(leaf, tensors[key].to(torch.float32), persistent=True)
+                if not hasattr(owner, leaf):  # a layer class that declares the attribute handles it itself
+                    owner.register_buffer(leaf, tensors[key].to(torch.float32), persistent=True)
                 continue
             unexpected.append(key)
             continue

@@ -14,19 +14,20 @@ import torch
 import comfy.model_sampling
 
 from ..models.guidance import norm_preserving_cfg
-from ..models.schedule import TERMINAL_SIGMA, flow_sigmas, image_tokens, resolution_shift
+from ..models.schedule import (TERMINAL_SIGMA, finish_schedule, flow_sigmas, image_tokens, linear_timesteps,
+                               resolution_shift)
 from .common import CATEGORY, mappings
 
 SHIFT_FROM_RESOLUTION = "from the latent's resolution"
 SHIFT_FROM_MODEL = "the model's current shift"
 
 
-def _model_shift(model) -> float:
+def _model_sigmas(model, steps: int, terminal: float | None) -> torch.Tensor:
+    """The reference's linear timesteps through the model's own sampling (whatever patched it: our shift node,
+    ModelSamplingAuraFlow / SD3 / Flux), then the terminal stretch."""
     sampling = model.get_model_object("model_sampling")
-    if not isinstance(sampling, comfy.model_sampling.ModelSamplingFlux):
-        raise ValueError("This model does not use Flux-style exponential shifting (was it patched by "
-                         "ModelSamplingAuraFlow/SD3?). Choose 'from the latent's resolution' instead.")
-    return float(sampling.shift)
+    timesteps = linear_timesteps(steps) * float(getattr(sampling, "multiplier", 1.0))
+    return finish_schedule(sampling.sigma(timesteps).float(), terminal)
 
 
 class Scheduler:
@@ -51,23 +52,24 @@ class Scheduler:
                                   "tooltip": "Below 1, only the last part of a longer schedule is run "
                                              "(image-to-image)."}),
             "shift": ([SHIFT_FROM_RESOLUTION, SHIFT_FROM_MODEL], {
-                "tooltip": "Where the exponential shift comes from: computed from the latent size like the "
-                           "reference, or the value set on the model (Qwen-Image Sampling Shift)."}),
+                "tooltip": "Where the time shift comes from: computed from the latent size like the reference, or "
+                           "the model's own sampling (as set by Qwen-Image Sampling Shift, ModelSamplingAuraFlow...)."}),
             "terminal_sigma": ("FLOAT", {"default": TERMINAL_SIGMA, "min": 0.0, "max": 0.5, "step": 0.001,
                                          "tooltip": "The last non-zero sigma (reference 0.02); 0 turns the "
                                                     "stretch off."}),
         }}
 
     def sigmas(self, model, latent: dict, steps: int, denoise: float, shift: str, terminal_sigma: float):
-        samples = latent["samples"]
-        if shift == SHIFT_FROM_MODEL:
-            mu = _model_shift(model)
-        else:
-            mu = resolution_shift(image_tokens(samples.shape[-2], samples.shape[-1]))
         if denoise <= 0.0:
             return (torch.zeros(0),)
         total = steps if denoise >= 1.0 else int(steps / denoise)
-        return (flow_sigmas(total, mu, terminal_sigma or None)[-(steps + 1):],)
+        if shift == SHIFT_FROM_MODEL:
+            sigmas = _model_sigmas(model, total, terminal_sigma or None)
+        else:
+            samples = latent["samples"]
+            mu = resolution_shift(image_tokens(samples.shape[-2], samples.shape[-1]))
+            sigmas = flow_sigmas(total, mu, terminal_sigma or None)
+        return (sigmas[-(steps + 1):],)
 
 
 class SamplingShift:

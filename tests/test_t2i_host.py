@@ -242,3 +242,58 @@ def test_interrupt_returns_the_host_to_idle(host):
     assert stopped_after < 30, f"the interrupt took {stopped_after:.1f} s"
     assert host.run(small_t2i(host, steps=2, seed=22)).images
 
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
+def test_fp8_files_run_with_the_hosts_fp8_layers(host, host_models_dir, dtype):
+    from models.testing.factory import make_dit
+
+    name = make_dit(host_models_dir / "diffusion_models", dtype=dtype, seed=0).name
+    outputs = {}
+    for model_name in ("qwen_image_bf16.safetensors", name):
+        graph = small_t2i(host, steps=3, seed=8)
+        set_inputs(graph, "QIP_DiffusionModelLoader", model_name=model_name)
+        save_latent(graph, [node_id(graph, "SamplerCustomAdvanced"), 0], model_name.split(".")[0])
+        outputs[model_name] = read_latent(host.run(graph)).flatten()
+    cosine = torch.nn.functional.cosine_similarity(outputs[name], outputs["qwen_image_bf16.safetensors"], dim=0)
+    assert cosine > 0.99, f"{dtype} output differs from bf16 (cosine {cosine:.4f})"
+
+
+@pytest.mark.parametrize("sampler", ["KSampler", "SamplerCustomAdvanced"])
+def test_aura_flow_shift_and_cfg_norm_apply_to_our_model(host, sampler):
+    def run(patch: bool) -> torch.Tensor:
+        graph = small_t2i(host, steps=3, seed=9)
+        model = graph[node_id(graph, "QIP_TrueCFG")]["inputs"]["model"]
+        if patch:
+            graph["aura"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": model, "shift": 3.1}}
+            graph["norm"] = {"class_type": "CFGNorm", "inputs": {"model": ["aura", 0], "strength": 1.0}}
+            model = ["norm", 0]
+        encode = node_id(graph, "QIP_TextEncode")
+        if sampler == "KSampler":
+            graph["ks"] = {"class_type": "KSampler", "inputs": {
+                "model": model, "seed": 9, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+                "positive": [encode, 0], "negative": [encode, 1],
+                "latent_image": [node_id(graph, "QIP_EmptyLatent"), 0], "denoise": 1.0}}
+            output = ["ks", 0]
+        else:  # our scheduler follows the model's (AuraFlow) sampling when told to
+            set_inputs(graph, "CFGGuider", model=model)
+            set_inputs(graph, "QIP_Scheduler", model=model, shift="the model's current shift")
+            output = [node_id(graph, "SamplerCustomAdvanced"), 0]
+        save_latent(graph, output, f"{sampler}{int(patch)}")
+        return read_latent(host.run(graph))
+
+    plain, patched = run(False), run(True)
+    assert torch.isfinite(patched).all() and (plain - patched).abs().max() > 1e-3
+
+
+def test_loaders_refuse_a_wrong_file_with_a_clear_message(host, host_models_dir):
+    import shutil
+
+    shutil.copyfile(host_models_dir / "vae" / "qwen_image_vae.safetensors",
+                    host_models_dir / "diffusion_models" / "not_a_dit.safetensors")
+    graph = small_t2i(host, steps=2)
+    set_inputs(graph, "QIP_DiffusionModelLoader", model_name="not_a_dit.safetensors")
+    with pytest.raises(Exception) as failure:
+        host.run(graph)
+    message = str(failure.value)
+    assert "QIP_DiffusionModelLoader" in message and "VAE" in message, message[:2000]
