@@ -182,6 +182,17 @@ def test_mmproj_prefers_the_matching_name(tmp_path: Path, te_files):
     assert find_mmproj(text).name == te_files["q8_mmproj"].name
 
 
+def test_mmproj_prefers_the_projector_of_the_right_width(tmp_path: Path, te_files):
+    text = _copy_pair(te_files, tmp_path / "widths", "mmproj-a-qwen2.5-vl.gguf")
+    # a projector for another model (output width 128, not 64), with a name that shares a longer prefix
+    from models.gguf.writer import GGUFWriter
+
+    other = GGUFWriter(tmp_path / "widths" / (te_files["q8"].name[:12] + "-mmproj-other.gguf"), "clip")
+    other.add("clip.vision.projection_dim", 128)
+    other.write()
+    assert find_mmproj(text, hidden_size=64).name == "mmproj-a-qwen2.5-vl.gguf"
+
+
 def test_packed_rows_concatenate_for_fused_qkv(tmp_path: Path):
     # a quantized mmproj: q/k/v rows of one type are joined as bytes and stay packed
     text, mmproj = make_text_encoder_gguf(tmp_path, qtype="Q8_0", mmproj_type="Q8_0")

@@ -160,10 +160,11 @@ def open_dit_gguf(path: str | os.PathLike) -> tuple[GGUFCheckpoint, type[GGUFOps
 _MMPROJ_NAME = re.compile(r"mmproj.*\.gguf$", re.IGNORECASE)
 
 
-def find_mmproj(text_path: str | os.PathLike) -> Path:
+def find_mmproj(text_path: str | os.PathLike, hidden_size: int | None = None) -> Path:
     """The mmproj GGUF next to a text-encoder GGUF: any ``*mmproj*.gguf`` (case-insensitive) in its folder,
     e.g. ``mmproj-F16.gguf``, ``mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf`` or
-    ``Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf``; with several, the one sharing the longest name prefix."""
+    ``Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf``.  With several, those whose projector outputs ``hidden_size``
+    features (``clip.vision.projection_dim``, when given) come first, then the longest shared name prefix."""
     text_path = Path(text_path)
     folder = text_path.parent
     candidates = sorted(p for p in folder.iterdir() if p.is_file() and p != text_path
@@ -182,7 +183,15 @@ def find_mmproj(text_path: str | os.PathLike) -> Path:
             n += 1
         return n
 
-    return max(candidates, key=lambda p: (shared_prefix(p), p.name))
+    def fits(p: Path) -> bool:
+        if hidden_size is None or len(candidates) == 1:
+            return True
+        try:
+            return GGUFReader(p).metadata.get("clip.vision.projection_dim") == hidden_size
+        except GGUFError:
+            return False
+
+    return max(candidates, key=lambda p: (fits(p), shared_prefix(p), p.name))
 
 
 def tokenizer_from_gguf(metadata: Mapping):
@@ -237,7 +246,8 @@ def open_text_encoder_gguf(path: str | os.PathLike, mmproj: str | os.PathLike | 
     _check_arch(text, TEXT_ARCHS, "a Qwen2.5-VL text encoder")
     readers = {"text": text}
     if mmproj is None and require_mmproj:
-        mmproj = find_mmproj(path)
+        arch = text.arch or "qwen2vl"
+        mmproj = find_mmproj(path, text.metadata.get(f"{arch}.embedding_length"))
     if mmproj is not None:
         readers["mmproj"] = GGUFReader(mmproj)
         _check_arch(readers["mmproj"], ("clip",), "a Qwen2.5-VL vision projector (mmproj)")
