@@ -18,7 +18,7 @@ per layer (fp8 weights stay fp8 in memory).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +28,11 @@ from torch import nn
 from .ops import CastOps
 from .rope import MSRoPE, apply_rope, split_rope
 
-__all__ = ["DiTConfig", "QwenImageDiT", "pack_latent", "unpack_latent"]
+__all__ = ["DiTConfig", "QwenImageDiT", "pack_latent", "unpack_latent", "joint_attention_mask", "BlockPatch"]
 
 _EPS = 1e-6
+# ``patch(block_index, target_image_tokens) -> residual or None``, run after each DiT block.
+BlockPatch = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,18 @@ def timestep_sinusoid(sigma: torch.Tensor, dim: int = 256) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
     angle = (sigma.float()[:, None] * freqs[None, :]) * 1000.0
     return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+
+
+def joint_attention_mask(context_mask: torch.Tensor | None, image_tokens: int,
+                         device: torch.device) -> torch.Tensor | None:
+    """Boolean SDPA mask ``[B, 1, 1, L_text + image_tokens]`` hiding padded text tokens (``context_mask`` 1 keep,
+    0 padding); ``None`` when nothing is padded."""
+    if context_mask is None:
+        return None
+    keep = context_mask.to(device=device, dtype=torch.bool)
+    if bool(keep.all()):
+        return None
+    return torch.cat([keep, keep.new_ones(keep.shape[0], image_tokens)], dim=1)[:, None, None, :]
 
 
 class TimestepEmbedder(nn.Module):
@@ -275,13 +289,16 @@ class QwenImageDiT(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, ref_latents: Sequence[torch.Tensor] | None = None,
-                control: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+                control: Sequence[torch.Tensor | None] | None = None,
+                block_patches: Sequence[BlockPatch] | None = None) -> torch.Tensor:
         """Velocity ``[B, 16, H, W]`` (in ``x``'s dtype) for the target latent ``x``.
 
         ``timestep``: sigma in [0, 1], ``[B]`` or scalar.  ``context [B, L, joint_dim]`` with an optional
         ``context_mask [B, L]`` (1 keep, 0 padding).  ``ref_latents``: edit references ``[B or 1, 16, h, w]``
         (even sizes), appended after the target tokens.  ``control``: residuals ``[B, N_target_tokens, width]``,
         sample ``i // ceil(depth / len(control))`` added to the target tokens after block ``i``.
+        ``block_patches``: callables ``patch(i, target_tokens) -> residual or None`` run after block ``i`` (before
+        ``control``); a residual is added to the target tokens (DiffSynth blockwise control works this way).
         """
         batch, _, height, width = x.shape
         p = self.config.patch_size
@@ -314,16 +331,15 @@ class QwenImageDiT(nn.Module):
         img = self.img_in(img)
         txt = self.txt_in(self.txt_norm(context.to(device=device, dtype=dtype)))
         rope = self.rope(grids, txt.shape[1], device, dtype)
-        mask = None
-        if context_mask is not None:
-            keep = context_mask.to(device=device, dtype=torch.bool)
-            if not bool(keep.all()):
-                image_keep = keep.new_ones(batch, img.shape[1])
-                mask = torch.cat([keep, image_keep], dim=1)[:, None, None, :]
+        mask = joint_attention_mask(context_mask, img.shape[1], device)
 
         interval = math.ceil(len(self.transformer_blocks) / len(control)) if control else 0
         for index, block in enumerate(self.transformer_blocks):
             img, txt = block(img, txt, silu_temb, img_sizes, rope, mask)
+            for patch in block_patches or ():
+                residual = patch(index, img[:, :target_tokens])
+                if residual is not None:
+                    img[:, :target_tokens] += residual.to(device=device, dtype=dtype)
             if control:
                 residual = control[index // interval]
                 if residual is not None:

@@ -72,3 +72,22 @@ TINY_VISION: dict = {
 FULL_DIT: dict = {**TINY_DIT, "num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24,
                   "joint_attention_dim": 3584, "axes_dims_rope": (16, 56, 56)}
 FULL_VAE: dict = {**TINY_VAE, "base_dim": 96}
+
+# diffusers QwenImageControlNetModel(**TINY_CONTROLNET): the InstantX Union shape (real: 5 blocks, extra 0) at the
+# tiny DiT's width, heads and text width, so its residuals plug into the tiny DiT.
+TINY_CONTROLNET: dict = {
+    **{k: v for k, v in TINY_DIT.items() if k != "guidance_embeds"},
+    "num_layers": 3,
+    "extra_condition_channels": 0,
+}
+# The Inpainting variant: the packed control input has 4 more channels (the keep mask), 68 instead of 64.
+TINY_CONTROLNET_INPAINT: dict = {**TINY_CONTROLNET, "extra_condition_channels": 4}
+
+# ComfyUI QwenImageBlockWiseControlNet(**TINY_BLOCKWISE): DiffSynth blockwise control, one block per tiny DiT block
+# (real: num_layers 60, dim 3072; additional_in_dim 4 for Inpaint).
+TINY_BLOCKWISE: dict = {
+    "num_layers": TINY_DIT["num_layers"],
+    "in_dim": 64,
+    "additional_in_dim": 0,
+    "dim": TINY_DIT["num_attention_heads"] * TINY_DIT["attention_head_dim"],
+}

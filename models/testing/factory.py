@@ -29,9 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..vae_keys import diffusers_to_wan
-from .configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
+from .configs import (TINY_BLOCKWISE, TINY_CONTROLNET, TINY_CONTROLNET_INPAINT, TINY_DIT, TINY_TEXT, TINY_VAE,
+                      TINY_VISION)
 
-__all__ = ["make_dit", "make_vae", "make_text_encoder", "make_lora", "make_all", "DIT_PREFIX", "LORA_TARGETS"]
+__all__ = ["make_dit", "make_vae", "make_text_encoder", "make_lora", "make_all", "make_controlnet",
+           "make_controlnet_gguf", "make_blockwise_control", "DIT_PREFIX", "LORA_TARGETS"]
 
 DIT_PREFIX = "model.diffusion_model."
 
@@ -504,15 +506,146 @@ def make_lora(out_dir: str | os.PathLike, *, rank: int = 4, lora_format: str = "
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# ControlNets
+# ---------------------------------------------------------------------------------------------------------------
+# variant -> (default config, InstantX repo name, Comfy-Org single-file name, seed salt)
+_CONTROLNET_VARIANTS = {
+    "union": (TINY_CONTROLNET, "Qwen-Image-ControlNet-Union", "Qwen-Image-InstantX-ControlNet-Union", 101),
+    "inpaint": (TINY_CONTROLNET_INPAINT, "Qwen-Image-ControlNet-Inpainting",
+                "Qwen-Image-InstantX-ControlNet-Inpainting", 102),
+}
+# Comfy-Org file names in models/model_patches (DiffSynth-Studio ships each as model.safetensors).
+_BLOCKWISE_VARIANTS = {"canny": 201, "depth": 202, "inpaint": 203}
+
+
+def _controlnet_spec(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """diffusers QwenImageControlNetModel names: the DiT's input side and blocks (no norm_out / proj_out), one
+    ``controlnet_blocks.N`` per block and ``controlnet_x_embedder``."""
+    dit = {k: v for k, v in config.items() if k != "extra_condition_channels"}
+    spec = {name: entry for name, entry in _dit_spec(dit).items() if not name.startswith(("norm_out.", "proj_out."))}
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    for i in range(config["num_layers"]):
+        _linear(spec, f"controlnet_blocks.{i}", dim, dim)
+    _linear(spec, "controlnet_x_embedder", dim, config["in_channels"] + config.get("extra_condition_channels", 0))
+    return spec
+
+
+def _controlnet_weights(variant: str, seed: int, config: dict | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    if variant not in _CONTROLNET_VARIANTS:
+        raise ValueError(f"unknown ControlNet variant {variant!r}; expected one of {list(_CONTROLNET_VARIANTS)}.")
+    default, _, _, salt = _CONTROLNET_VARIANTS[variant]
+    config = dict(default if config is None else config)
+    # Salted seed: the blocks share the DiT's names, and equal values would hide a mix-up of the two models.
+    return config, _random_weights(_controlnet_spec(config), seed * 1000 + salt)
+
+
+def make_controlnet(out_dir: str | os.PathLike, *, variant: str = "union", dtype: str = "bf16",
+                    layout: str = "diffusers", seed: int = 0, config: dict | None = None) -> Path:
+    """Write a tiny InstantX Qwen-Image ControlNet; returns the folder (``"diffusers"``) or file (``"comfy"``).
+
+    * ``diffusers``: ``out_dir/Qwen-Image-ControlNet-Union`` (or ``-Inpainting``) with ``config.json`` and
+      ``diffusion_pytorch_model.safetensors``, as in the InstantX repositories.
+    * ``comfy``: that single file as ``out_dir/Qwen-Image-InstantX-ControlNet-Union.safetensors`` (Comfy-Org's name;
+      users keep it in ``models/controlnet``).
+    * ``variant="inpaint"``: ``controlnet_x_embedder`` takes 68 channels (64 + the packed keep mask).
+
+    ``config``: diffusers QwenImageControlNetModel kwargs (default :data:`TINY_CONTROLNET` /
+    :data:`TINY_CONTROLNET_INPAINT`).  Values differ from the DiT's of the same seed.
+    """
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"ControlNet dtype must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}.")
+    config, weights = _controlnet_weights(variant, seed, config)
+    tensors = _convert(weights, dtype, set())
+    _, repo_name, comfy_name, _ = _CONTROLNET_VARIANTS[variant]
+    out_dir = Path(out_dir)
+    if layout == "comfy":
+        path = out_dir / f"{comfy_name}{'' if dtype == 'bf16' else '_' + dtype}.safetensors"
+        _write_safetensors(tensors, path)
+        return path
+    if layout != "diffusers":
+        raise ValueError(f"unknown layout {layout!r}; expected 'diffusers' or 'comfy'.")
+    diffusers_config = {
+        "_class_name": "QwenImageControlNetModel",
+        "_diffusers_version": "0.35.0.dev0",
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        # present in the released config.json, ignored by diffusers
+        "guidance_embeds": False,
+        "pooled_projection_dim": 768,
+    }
+    target = out_dir / f"{repo_name}{'' if dtype == 'bf16' else '_' + dtype}"
+    with _AtomicFolder(target, "") as tmp:  # the repository root holds the files (no subfolder)
+        _write_json(diffusers_config, tmp / "config.json")
+        _write_safetensors(tensors, tmp / "diffusion_pytorch_model.safetensors")
+    return target
+
+
+def make_controlnet_gguf(out_dir: str | os.PathLike, *, variant: str = "union", qtype: str = "Q8_0", seed: int = 0,
+                         config: dict | None = None) -> Path:
+    """Write ``out_dir/Qwen-Image-InstantX-ControlNet-{Union|Inpainting}-{qtype}.gguf``: the values of
+    :func:`make_controlnet` (same seed), diffusers names, arch ``qwen_image`` (what a city96-style converter
+    writes for these keys); matrices in ``qtype`` where rows fit (else a fallback type), 1-D tensors F32."""
+    from ..gguf.quantize import fitting_type, quantize
+    from ..gguf.reader import GGMLType
+    from ..gguf.writer import GGUFWriter
+
+    _, weights = _controlnet_weights(variant, seed, config)
+    path = Path(out_dir) / f"{_CONTROLNET_VARIANTS[variant][2]}-{qtype}.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(path, "qwen_image")
+    writer.add("general.name", "Qwen-Image ControlNet (tiny random weights)")
+    writer.add("general.quantization_version", 2)
+    for name, tensor in weights.items():
+        ggml = GGMLType.F32 if tensor.ndim == 1 else fitting_type(GGMLType[qtype], tuple(tensor.shape))
+        writer.add_tensor(name, quantize(tensor, ggml), ggml, tensor.shape)
+    return writer.write()
+
+
+def _blockwise_spec(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """DiffSynth / ComfyUI QwenImageBlockWiseControlNet names."""
+    dim = config["dim"]
+    spec: dict = {}
+    _linear(spec, "img_in", dim, config["in_dim"] + config["additional_in_dim"])
+    for i in range(config["num_layers"]):
+        block = f"controlnet_blocks.{i}"
+        spec[f"{block}.x_rms.weight"] = ((dim,), _NORM)
+        spec[f"{block}.y_rms.weight"] = ((dim,), _NORM)
+        _linear(spec, f"{block}.input_proj", dim, dim)
+        _linear(spec, f"{block}.output_proj", dim, dim)
+    return spec
+
+
+def make_blockwise_control(out_dir: str | os.PathLike, *, variant: str = "canny", dtype: str = "bf16",
+                           seed: int = 0, config: dict | None = None) -> Path:
+    """Write ``out_dir/qwen_image_{variant}_diffsynth_controlnet.safetensors`` (Comfy-Org's names for ComfyUI's
+    ``models/model_patches``): a tiny DiffSynth blockwise ControlNet, one control block per tiny DiT block.
+
+    ``variant``: ``canny`` / ``depth`` (same topology, different values) or ``inpaint`` (``img_in`` takes 68
+    channels).  ``config``: ComfyUI QwenImageBlockWiseControlNet kwargs (default :data:`TINY_BLOCKWISE`).
+    """
+    if variant not in _BLOCKWISE_VARIANTS:
+        raise ValueError(f"unknown blockwise variant {variant!r}; expected one of {list(_BLOCKWISE_VARIANTS)}.")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"blockwise ControlNet dtype must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}.")
+    config = dict(TINY_BLOCKWISE if config is None else config)
+    if variant == "inpaint" and config["additional_in_dim"] == 0:
+        config["additional_in_dim"] = 4
+    weights = _random_weights(_blockwise_spec(config), seed * 1000 + _BLOCKWISE_VARIANTS[variant])
+    path = Path(out_dir) / f"qwen_image_{variant}_diffsynth_controlnet{'' if dtype == 'bf16' else '_' + dtype}.safetensors"
+    _write_safetensors(_convert(weights, dtype, set()), path)
+    return path
+
+
 def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """The common set for demos, in ComfyUI's model folders under ``out_dir``: ``diffusion_models/
-    qwen_image_bf16.safetensors``, ``vae/qwen_image_vae.safetensors``, ``text_encoders/qwen_2.5_vl_7b.safetensors``,
-    ``loras/qwen_image_tiny_lora_diffusers.safetensors``; with ``tokenizer_dir`` (GGUF text encoders carry their
+    qwen_image_bf16.safetensors`` and ``qwen_image_edit_2511_bf16.safetensors``, ``vae/qwen_image_vae.safetensors``,
+    ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors``; with ``tokenizer_dir`` (GGUF text encoders carry their
     tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf`` and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf``
     with its mmproj file."""
     out_dir = Path(out_dir)
     written = {
         "diffusion_model": make_dit(out_dir / "diffusion_models", seed=seed),
+        "edit_diffusion_model": make_dit(out_dir / "diffusion_models", variant="edit2511", seed=seed + 1),
         "vae": make_vae(out_dir / "vae", seed=seed),
         "text_encoder": make_text_encoder(out_dir / "text_encoders", seed=seed),
         "lora": make_lora(out_dir / "loras", seed=seed),

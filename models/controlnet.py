@@ -1,0 +1,248 @@
+"""The InstantX Qwen-Image ControlNet (Union and Inpainting) and its loader.
+
+The model is a short copy of the DiT's input side (``img_in``, ``txt_norm``, ``txt_in``, ``time_text_embed``)
+and a few of its double-stream blocks (``transformer_blocks.N``, 5 in the released files), plus
+``controlnet_x_embedder`` (the packed control latent, 64 channels, or 68 for the Inpainting variant, added to the
+embedded target tokens) and one ``controlnet_blocks.N`` Linear per block.  Its output is one residual per block,
+``controlnet_blocks[i](image tokens after block i) * conditioning_scale``, which
+:class:`models.dit.QwenImageDiT` takes as ``control=`` (sample ``i // ceil(depth / samples)`` after DiT block i).
+
+Key names are those of diffusers' ``QwenImageControlNetModel`` (the InstantX files: a folder with ``config.json``
++ ``diffusion_pytorch_model.safetensors``, or that single file as Comfy users keep it in ``models/controlnet``);
+GGUF files of the same names (arch ``qwen_image``, what city96-style converters write for these keys) load
+through :mod:`models.gguf`.  The shape (blocks, width, heads, extra channels) is detected from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dit import (DiTConfig, DoubleStreamBlock, TimeTextEmbed, joint_attention_mask, pack_latent,
+                  timestep_sinusoid)
+from .dit_loader import _Prefixed
+from .ops import CastOps
+from .rope import MSRoPE
+from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint
+
+__all__ = ["ControlNetConfig", "QwenImageControlNet", "load_controlnet", "controlnet_from_tensors",
+           "detect_controlnet_config", "inpaint_control_latent"]
+
+logger = logging.getLogger("qwen_image")
+
+_EPS = 1e-6
+LATENT_CHANNELS = 16
+_REQUIRED = ("img_in.weight", "txt_in.weight", "controlnet_x_embedder.weight", "controlnet_blocks.0.weight",
+             "transformer_blocks.0.attn.norm_q.weight")
+
+# (key fragment, what the file is, what to do) for files that are not an InstantX Qwen-Image ControlNet.
+_OTHER_MODELS = (
+    ("controlnet_blocks.0.y_rms.weight", "a DiffSynth blockwise ControlNet (a model patch)",
+     "put it in models/model_patches and load it with a model patch / blockwise control loader"),
+    ("controlnet_single_blocks.", "a Flux ControlNet", "use a Qwen-Image ControlNet (InstantX Union or Inpainting)"),
+    ("single_transformer_blocks.", "a Flux ControlNet", "use a Qwen-Image ControlNet (InstantX Union or Inpainting)"),
+    ("double_blocks.", "a Flux model or ControlNet", "use a Qwen-Image ControlNet (InstantX Union or Inpainting)"),
+    ("pos_embed_input.", "a Stable Diffusion 3 ControlNet", "use a Qwen-Image ControlNet"),
+    ("zero_convs.", "a Stable Diffusion 1.x / SDXL ControlNet", "use a Qwen-Image ControlNet"),
+    ("input_hint_block.", "a Stable Diffusion 1.x / SDXL ControlNet", "use a Qwen-Image ControlNet"),
+    ("proj_out.weight", "a Qwen-Image diffusion model (DiT)", "load it with the diffusion model loader"),
+    ("model.diffusion_model.", "a diffusion model checkpoint", "load it with the diffusion model loader"),
+    ("model.layers.", "a text encoder (LLM)", "load it with the text encoder loader"),
+    ("decoder.", "a VAE", "load it with the VAE loader"),
+)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig(DiTConfig):
+    """Shape of an InstantX Qwen-Image ControlNet (defaults: the released Union model, 5 blocks)."""
+
+    depth: int = 5
+    extra_channels: int = 0  # packed extra control channels: 4 for the Inpainting variant (one mask channel)
+
+    @property
+    def control_channels(self) -> int:
+        """Channels of the unpacked control latent: 16, or 17 for the Inpainting variant."""
+        p = self.patch_size
+        return (self.in_channels + self.extra_channels) // (p * p)
+
+
+class QwenImageControlNet(nn.Module):
+    """Call ``cn(x, timestep, context, control_latent, context_mask=None, conditioning_scale=1.0)``.
+
+    Build on ``device="meta"`` and fill with :func:`models.weights.assign_weights` (see :func:`load_controlnet`).
+    """
+
+    def __init__(self, config: ControlNetConfig, compute_dtype: torch.dtype = torch.float32, ops=CastOps,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        width = config.width
+        factory = {"device": device, "dtype": dtype}
+        self.time_text_embed = TimeTextEmbed(width, ops, **factory)
+        self.txt_norm = ops.RMSNorm(config.joint_dim, eps=_EPS, **factory)
+        self.img_in = ops.Linear(config.in_channels, width, bias=True, **factory)
+        self.txt_in = ops.Linear(config.joint_dim, width, bias=True, **factory)
+        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(config, ops, **factory)
+                                                for _ in range(config.depth))
+        self.controlnet_blocks = nn.ModuleList(ops.Linear(width, width, bias=True, **factory)
+                                               for _ in range(config.depth))
+        self.controlnet_x_embedder = ops.Linear(config.in_channels + config.extra_channels, width, bias=True,
+                                                **factory)
+        self.rope = MSRoPE(config.axes_dim, config.rope_theta)
+
+    def _packed(self, latent: torch.Tensor, channels: int, batch: int, size: tuple[int, int], what: str):
+        if latent.ndim != 4 or latent.shape[1] != channels or tuple(latent.shape[2:]) != size:
+            raise ValueError(f"expected {what} [B, {channels}, {size[0]}, {size[1]}], got {tuple(latent.shape)}")
+        if latent.shape[0] != batch:
+            if latent.shape[0] != 1:
+                raise ValueError(f"{what} batch {latent.shape[0]} does not match the batch {batch}")
+            latent = latent.expand(batch, -1, -1, -1)
+        return pack_latent(latent.to(self.compute_dtype), self.config.patch_size)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
+                control_latent: torch.Tensor, context_mask: torch.Tensor | None = None,
+                conditioning_scale: float = 1.0) -> list[torch.Tensor]:
+        """One residual ``[B, N_target_tokens, width]`` per ControlNet block (in the compute dtype).
+
+        ``x``: the normalized target latent ``[B, 16, H, W]`` (even sizes); ``timestep``: sigma in [0, 1];
+        ``context [B, L, joint_dim]`` with optional ``context_mask [B, L]``; ``control_latent``: the normalized
+        VAE latent of the control image ``[B or 1, 16, H, W]``, or for the Inpainting variant
+        ``[B or 1, 17, H, W]`` from :func:`inpaint_control_latent`.
+        """
+        batch, _, height, width = x.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent height and width must be multiples of {p}, got {height}x{width}")
+        device, dtype = x.device, self.compute_dtype
+        img = self._packed(x, LATENT_CHANNELS, batch, (height, width), "a latent")
+        hint = self._packed(control_latent.to(device), self.config.control_channels, batch, (height, width),
+                            "a control latent")
+        img = self.img_in(img) + self.controlnet_x_embedder(hint)
+
+        sigma = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+        silu_temb = F.silu(self.time_text_embed.timestep_embedder(timestep_sinusoid(sigma).to(dtype)))
+        txt = self.txt_in(self.txt_norm(context.to(device=device, dtype=dtype)))
+        rope = self.rope([(height // p, width // p)], txt.shape[1], device, dtype)
+        mask = joint_attention_mask(context_mask, img.shape[1], device)
+
+        samples = []
+        for block, head in zip(self.transformer_blocks, self.controlnet_blocks):
+            img, txt = block(img, txt, silu_temb, [img.shape[1]], rope, mask)
+            samples.append(head(img) * conditioning_scale)
+        return samples
+
+
+def inpaint_control_latent(latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The 17-channel control input of the Inpainting ControlNet, built as diffusers'
+    ``QwenImageControlNetInpaintPipeline`` does.
+
+    ``latent``: the normalized VAE latent ``[B, 16, h, w]`` of the image whose repainted region was set to black
+    (-1 in the VAE's [-1, 1] range: pixels where ``mask > 0.5``) before encoding.  ``mask``: ``[B or 1, H, W]`` or
+    ``[B or 1, 1, H, W]`` at any resolution, 1 = repaint.  The mask is resized (nearest) to the latent size and
+    inverted (1 = keep), then appended as channel 16.
+    """
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"expected a mask [B, H, W] or [B, 1, H, W], got {tuple(mask.shape)}")
+    keep = 1 - F.interpolate(mask.to(device=latent.device, dtype=latent.dtype), size=latent.shape[-2:])
+    if keep.shape[0] != latent.shape[0]:
+        keep = keep.expand(latent.shape[0], -1, -1, -1)
+    return torch.cat([latent, keep], dim=1)
+
+
+def _shape_of(tensors: Mapping, key: str) -> tuple[int, ...]:
+    shape_of = getattr(tensors, "shape", None)
+    return tuple(shape_of(key)) if callable(shape_of) else tuple(tensors[key].shape)
+
+
+def _check_keys(keys: list[str], source: str) -> None:
+    if all(k in keys for k in _REQUIRED):
+        return
+    sample = ", ".join(keys[:3]) if keys else "no tensors"
+    for fragment, what, todo in _OTHER_MODELS:
+        if any(fragment in k for k in keys):
+            raise WeightFileError(
+                f"{source}: this looks like {what} ({len(keys)} tensors, e.g. {sample}), not an InstantX "
+                f"Qwen-Image ControlNet (expected {', '.join(_REQUIRED)}). {todo[0].upper()}{todo[1:]}.")
+    raise WeightFileError(f"{source}: not an InstantX Qwen-Image ControlNet: found {len(keys)} tensors (e.g. "
+                          f"{sample}); expected the keys {', '.join(_REQUIRED)}.")
+
+
+def detect_controlnet_config(tensors: Mapping, config_json: dict | None = None,
+                             source: str = "checkpoint") -> ControlNetConfig:
+    """The :class:`ControlNetConfig` of an InstantX ControlNet mapping, from tensor shapes (no data read).
+
+    RoPE axes follow ``(head_dim // 8, rest / 2, rest / 2)`` unless ``config_json`` names them.
+    """
+    keys = list(tensors)
+    _check_keys(keys, source)
+    width, in_channels = _shape_of(tensors, "img_in.weight")
+    joint_dim = _shape_of(tensors, "txt_in.weight")[1]
+    head_dim = _shape_of(tensors, "transformer_blocks.0.attn.norm_q.weight")[0]
+    embed_width, control_in = _shape_of(tensors, "controlnet_x_embedder.weight")
+    extra = control_in - in_channels
+    if width % head_dim or in_channels % 4 or extra < 0 or extra % 4 or embed_width != width:
+        raise WeightFileError(f"{source}: inconsistent Qwen-Image ControlNet shapes (width {width}, head_dim "
+                              f"{head_dim}, in {in_channels}, control in {control_in}).")
+    depth = 0
+    while f"transformer_blocks.{depth}.attn.norm_q.weight" in tensors:
+        depth += 1
+    heads = sum(1 for k in keys if k.startswith("controlnet_blocks.") and k.endswith(".weight"))
+    if heads != depth:
+        raise WeightFileError(f"{source}: {depth} transformer_blocks but {heads} controlnet_blocks; the file is "
+                              "incomplete or not an InstantX Qwen-Image ControlNet.")
+    rest = head_dim - head_dim // 8
+    axes = (head_dim // 8, rest // 2, rest - rest // 2)
+    if config_json:
+        axes = tuple(config_json.get("axes_dims_rope", axes))
+    if sum(axes) != head_dim:
+        raise WeightFileError(f"{source}: RoPE axes {axes} do not add up to the head dimension {head_dim}.")
+    return ControlNetConfig(depth=depth, heads=width // head_dim, head_dim=head_dim, in_channels=in_channels,
+                            joint_dim=joint_dim, axes_dim=axes, extra_channels=extra)
+
+
+def controlnet_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32,
+                            device: torch.device | str = "cpu", ops=None, config_json: dict | None = None,
+                            source: str = "checkpoint") -> QwenImageControlNet:
+    """Build a :class:`QwenImageControlNet` from a ``name -> tensor`` mapping (diffusers / InstantX names).
+
+    ``dtype`` is the compute dtype and the storage dtype of non-fp8 weights.
+    """
+    config = detect_controlnet_config(tensors, config_json, source)
+    target = torch.device(device)
+    view = _Prefixed(tensors, "", frozenset(), None if target.type == "cpu" else target)
+    logger.info("Qwen-Image ControlNet: %d blocks, width %d%s", config.depth, config.width,
+                ", inpainting" if config.extra_channels else "")
+    model = QwenImageControlNet(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
+    assign_weights(model, view, dtype=dtype, keep_dtypes=FLOAT8_DTYPES, what=f"{source} (Qwen-Image ControlNet)")
+    return model.eval()
+
+
+def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    ops=None) -> QwenImageControlNet:
+    """Load an InstantX Qwen-Image ControlNet (Union or Inpainting) from a ``.safetensors`` file, a diffusers
+    folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a ``.gguf`` file.
+
+    ``dtype``: compute dtype (and storage dtype of float weights).  ``ops``: operations namespace (default
+    :class:`models.ops.CastOps`; GGUF files default to :class:`models.gguf.GGUFOps`).  Raises
+    :class:`WeightFileError` for any other file (a Flux / SD ControlNet, a DiT, a DiffSynth model patch ...).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from .gguf import open_dit_gguf
+
+        tensors, gguf_ops = open_dit_gguf(path)
+        return controlnet_from_tensors(tensors, dtype=dtype, device=device, ops=ops or gguf_ops, source=str(path))
+    checkpoint = open_checkpoint(path)
+    return controlnet_from_tensors(checkpoint, dtype=dtype, device=device, ops=ops, config_json=checkpoint.config,
+                                   source=str(path))
