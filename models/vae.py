@@ -58,10 +58,10 @@ DEFAULT_ENCODE_TILE = 512  # pixels
 MIN_DECODE_TILE = 16
 MIN_ENCODE_TILE = 128
 
-# Peak activation bytes of an untiled call, per (pixel x base_dim x element size): calibrated with
-# bench/bench_vae.py (measured ~3.9 decode / ~3.0 encode in fp32 on CPU), plus headroom.
-_DECODE_BYTES_FACTOR = 5.0
-_ENCODE_BYTES_FACTOR = 4.0
+# Peak activation bytes of an untiled call, per (pixel x base_dim x element size): bench/bench_vae.py measured
+# 2.9 (latent stage included) for decode at 1328 and 2048 px and encode at 2048 px (fp32, CPU); 4 leaves headroom
+# (a CPU process that overshoots is killed, it gets no exception to fall back on).
+_ACTIVATION_BYTES_FACTOR = 4.0
 _MEMORY_SAFETY = 0.85
 # Attention scores of one query chunk are kept under this many elements (bounded memory whatever the backend).
 _ATTENTION_SCORE_ELEMENTS = 1 << 28
@@ -345,15 +345,17 @@ class QwenImageVAE(nn.Module):
         pixels = batch * (height // SPATIAL_FACTOR) * (width // SPATIAL_FACTOR)
         return 10 * 4 * self.base_dim * pixels * self._element_size()
 
+    def _estimate_bytes(self, batch: int, height: int, width: int) -> int:
+        local = _ACTIVATION_BYTES_FACTOR * self.base_dim * batch * height * width * self._element_size()
+        return int(local) + self._latent_stage_bytes(batch, height, width)
+
     def estimate_decode_bytes(self, batch: int, height: int, width: int) -> int:
         """Peak activation bytes of an untiled decode to ``batch`` images of ``height`` x ``width`` pixels."""
-        local = _DECODE_BYTES_FACTOR * self.base_dim * batch * height * width * self._element_size()
-        return int(local) + self._latent_stage_bytes(batch, height, width)
+        return self._estimate_bytes(batch, height, width)
 
     def estimate_encode_bytes(self, batch: int, height: int, width: int) -> int:
         """Peak activation bytes of an untiled encode of ``batch`` images of ``height`` x ``width`` pixels."""
-        local = _ENCODE_BYTES_FACTOR * self.base_dim * batch * height * width * self._element_size()
-        return int(local) + self._latent_stage_bytes(batch, height, width)
+        return self._estimate_bytes(batch, height, width)
 
     # -- encode ------------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
@@ -445,15 +447,15 @@ class QwenImageVAE(nn.Module):
             if per_call:
                 try:
                     return _in_chunks(untiled, x, per_call, progress)
-                except torch.OutOfMemoryError:
-                    if tiled is False:
+                except RuntimeError as error:
+                    if tiled is False or not _is_out_of_memory(error):
                         raise
                 _release_cached_memory(x.device)
         while True:
             try:
                 return self._tiled_batch(x, tile, tiled_fn, progress)
-            except torch.OutOfMemoryError:
-                if tile // 2 < min_tile:
+            except RuntimeError as error:
+                if tile // 2 < min_tile or not _is_out_of_memory(error):
                     raise
             _release_cached_memory(x.device)
             tile = _round_up(tile // 2, align)
@@ -486,6 +488,11 @@ def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size
         if progress is not None:
             progress(index + 1, len(chunks))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    """torch.OutOfMemoryError (CUDA and other accelerators), or the CPU allocator's plain RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 def _release_cached_memory(device: torch.device) -> None:

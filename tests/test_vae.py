@@ -260,7 +260,7 @@ def test_tiled_encode_matches_untiled(vae):
 
 
 def test_overlap_below_the_receptive_field_is_raised(vae):
-    images = _smooth_images(1, 192, 192)
+    images = _smooth_images(1, 192, 96)
     latents = vae.encode(images)
     exact = vae.decode(latents, tiled=False)
     assert (vae.decode(latents, tiled=True, tile_size=12, tile_overlap=2) - exact).abs().max().item() <= 1e-5
@@ -272,13 +272,14 @@ class _Recorder:
     """Wraps a bound method, recording the spatial size of each input; the first ``failures`` calls raise a
     simulated out-of-memory error instead of computing."""
 
-    def __init__(self, fn, failures: int = 0):
+    def __init__(self, fn, failures: int = 0, error: Exception | None = None):
         self.fn, self.failures, self.sizes = fn, failures, []
+        self.error = error or torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     def __call__(self, x, *args, **kwargs):
         self.sizes.append(tuple(x.shape[2:]))
         if len(self.sizes) <= self.failures:
-            raise torch.OutOfMemoryError("simulated out of memory")
+            raise self.error
         return self.fn(x, *args, **kwargs)
 
 
@@ -331,7 +332,16 @@ def test_out_of_memory_falls_back_to_tiles(vae, monkeypatch):
     tail.failures = 1
     with pytest.raises(torch.OutOfMemoryError):
         vae.decode(latents, tiled=False)
-    local = _Recorder(vae.encoder.local_features, failures=1)
+    # Other errors are not taken for a lack of memory.
+    tail.sizes.clear()
+    tail.error = RuntimeError("Expected all tensors to be on the same device")
+    with pytest.raises(RuntimeError, match="same device"):
+        vae.decode(latents)
+    assert len(tail.sizes) == 1
+    # The CPU allocator's failure is a plain RuntimeError, recognised by its message.
+    cpu_failure = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 35184372088832 bytes.")
+    local = _Recorder(vae.encoder.local_features, failures=1, error=cpu_failure)
     monkeypatch.setattr(vae.encoder, "local_features", local)
     assert (vae.encode(images, tile_size=128) - latents).abs().max().item() <= 1e-5
     assert local.sizes[0] == (256, 256) and len(local.sizes) == 1 + 4
