@@ -7,6 +7,7 @@ identical weights.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -84,3 +85,41 @@ def pack(latent: torch.Tensor) -> torch.Tensor:
         latent = latent[:, :, 0]
     b, c, h, w = latent.shape
     return latent.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+IMAGE_TOKEN_ID = 151655  # <|image_pad|>
+
+
+@contextlib.contextmanager
+def passing_token_types(model):
+    """Make transformers' Qwen2.5-VL receive mm_token_type_ids (image tokens = 1), which the diffusers Edit
+    pipelines leave out; without them transformers 5 uses 1-D positions for image tokens (REFERENCE.md s.2)."""
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs.get("input_ids") is not None and kwargs.get("mm_token_type_ids") is None:
+            kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == IMAGE_TOKEN_ID).int()
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        del model.forward
+
+
+def reference_controlnet(path: Path, config: dict | None = None):
+    """diffusers' QwenImageControlNetModel in fp32: ``from_pretrained`` on an InstantX folder (asserting that no
+    key is missing or unexpected), or a strict ``load_state_dict`` of a single file with ``config``."""
+    from diffusers import QwenImageControlNetModel
+
+    path = Path(path)
+    if path.is_dir():
+        model, info = QwenImageControlNetModel.from_pretrained(str(path), torch_dtype=torch.float32,
+                                                               output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v}
+        assert not problems, f"diffusers could not load {path} cleanly: {problems}"
+        return model.float().eval()
+    model = QwenImageControlNetModel(**config)
+    model.load_state_dict(comfy_tensors(path), strict=True)
+    return model.eval()
