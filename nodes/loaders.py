@@ -6,6 +6,7 @@ detected, and fails with the loader's own message (what was found, what was expe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -31,6 +32,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 DTYPE_TOOLTIP = ("Compute / storage precision. auto: bf16 on GPUs that support it, fp32 otherwise (fp16 "
                  "overflows in Qwen-Image). fp8 and GGUF weights stay as stored and are upcast per layer.")
 TEXT_ENCODER_TYPE = "QWEN_IMAGE_TEXT_ENCODER"
+ZERO_COND = {"auto (from the file)": None, "on (Edit-2511)": True, "off": False}
 
 
 def _host_tokenizer_dir() -> str:
@@ -79,15 +81,22 @@ class DiffusionModelLoader:
             "model_name": (list_models("diffusion_models", "transformer", WEIGHT_EXTENSIONS), {
                 "tooltip": "A file or diffusers folder in models/diffusion_models (or models/unet)."}),
             "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "edit_2511": (list(ZERO_COND), {
+                "tooltip": "Edit-2511 modulates the reference images with t = 0 (zero_cond_t). Detected from the "
+                           "file (Comfy-Org marker or diffusers config); force it for files that lack the marker."}),
         }}
 
-    def load(self, model_name: str, weight_dtype: str):
+    def load(self, model_name: str, weight_dtype: str, edit_2511: str):
         path = resolve("diffusion_models", model_name)
         load_device = mm.get_torch_device()
         compute = _compute_dtype(weight_dtype, load_device)
         ops, stored = _host_ops(path, compute)
         dit = load_diffusion_model(path, dtype=compute, device=mm.unet_offload_device(), ops=ops,
                                    model_class=HostQwenImageDiT)
+        if ZERO_COND[edit_2511] is not None and ZERO_COND[edit_2511] != dit.config.zero_cond_t:
+            dit.config = dataclasses.replace(dit.config, zero_cond_t=ZERO_COND[edit_2511])
+            logger.info("Qwen-Image DiT: Edit-2511 zero_cond_t set %s by the loader", "on" if dit.config.zero_cond_t
+                        else "off")
         storage = stored if stored in FLOAT8_DTYPES else compute
         return (wrap_diffusion_model(dit, storage, compute if storage != compute else None),)
 

@@ -32,6 +32,8 @@ def host_models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def host(host_models_dir):
     from host import ComfyHost
+    from models.testing.images import example_inputs
 
     with ComfyHost(host_models_dir) as running:
+        running.add_inputs(example_inputs())
         yield running

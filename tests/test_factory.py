@@ -356,6 +356,7 @@ def test_make_all_and_cli_write_the_demo_set(tmp_path, capsys):
     paths = factory.make_all(tmp_path / "api", seed=5)
     assert paths == {  # named like the real files, in ComfyUI's model folders
         "diffusion_model": tmp_path / "api" / "diffusion_models" / "qwen_image_bf16.safetensors",
+        "edit_diffusion_model": tmp_path / "api" / "diffusion_models" / "qwen_image_edit_2511_bf16.safetensors",
         "vae": tmp_path / "api" / "vae" / "qwen_image_vae.safetensors",
         "text_encoder": tmp_path / "api" / "text_encoders" / "qwen_2.5_vl_7b.safetensors",
         "lora": tmp_path / "api" / "loras" / "qwen_image_tiny_lora_diffusers.safetensors",

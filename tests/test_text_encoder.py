@@ -4,7 +4,6 @@ of every checkpoint layout; image preprocessing vs the HF image processor."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -21,10 +20,9 @@ from models.testing.factory import make_dit, make_text_encoder, make_vae
 from models.text_encoder import TEMPLATES, build_text_encoder, canonical_name, detect_configs
 from models.vision_preprocess import MAX_PIXELS, MIN_PIXELS, preprocess_image, smart_resize
 from models.weights import open_checkpoint
-from references import host_tokenizer_dir, reference_text_encoder
+from references import host_tokenizer_dir, passing_token_types, reference_text_encoder
 
 ATOL = 1e-5
-IMAGE_TOKEN_ID = 151655
 PROMPT = "Turn the red car blue, keep the 背景 unchanged. 🚗"
 
 
@@ -160,23 +158,6 @@ def test_template_errors(encoder):
 # ---------------------------------------------------------------------------------------------------------------
 # Parity with the diffusers pipelines' prompt encoding
 # ---------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _passing_token_types(model):
-    """Make the HF model receive mm_token_type_ids (image tokens = 1), which the Edit pipelines leave out."""
-    original = model.forward
-
-    def forward(*args, **kwargs):
-        if kwargs.get("input_ids") is not None and kwargs.get("mm_token_type_ids") is None:
-            kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == IMAGE_TOKEN_ID).int()
-        return original(*args, **kwargs)
-
-    model.forward = forward
-    try:
-        yield model
-    finally:
-        del model.forward
-
-
 @pytest.fixture(scope="module")
 def pipeline_parts(reference, processor):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
@@ -205,7 +186,7 @@ def test_edit_pipeline_prompt_embeds(pipeline_parts, processor, encoder):
 
     pipe = QwenImageEditPipeline(**pipeline_parts, processor=processor)
     arrays = _images([(28 * 10, 28 * 7)], seed=4)
-    with torch.no_grad(), _passing_token_types(pipe.text_encoder):
+    with torch.no_grad(), passing_token_types(pipe.text_encoder):
         expected, _ = pipe.encode_prompt(PROMPT, image=Image.fromarray(arrays[0]), device="cpu")
     emb, _ = encoder.encode(PROMPT, _floats(arrays), template="edit")
     assert _max_error(emb, expected) <= ATOL
@@ -218,7 +199,7 @@ def test_edit_plus_pipeline_prompt_embeds(pipeline_parts, processor, encoder):
     # two sizes that need no resize, and 384x352 (multiples of 32, as the pipeline's condition images are): the
     # processor resizes it to 392x364, which the vision preprocessing reproduces
     arrays = _images([(28 * 8, 28 * 12), (28 * 14, 28 * 4), (384, 352)], seed=5)
-    with torch.no_grad(), _passing_token_types(pipe.text_encoder):
+    with torch.no_grad(), passing_token_types(pipe.text_encoder):
         expected, _ = pipe.encode_prompt(PROMPT, image=[Image.fromarray(a) for a in arrays], device="cpu")
     emb, _ = encoder.encode(PROMPT, _floats(arrays), template="edit_plus")
     assert _max_error(emb, expected) <= ATOL

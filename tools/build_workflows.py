@@ -93,7 +93,7 @@ Reference settings: 50 steps, CFG 4 (true CFG), euler, the Qwen-Image Scheduler.
 
 def text_to_image(model: str, text_encoder: str, note: str) -> dict:
     return build([
-        Node(1, "QIP_DiffusionModelLoader", [model, "auto"], outputs=[("MODEL", "MODEL")]),
+        Node(1, "QIP_DiffusionModelLoader", [model, "auto", "auto (from the file)"], outputs=[("MODEL", "MODEL")]),
         Node(2, "QIP_TextEncoderLoader", [text_encoder, "auto"], outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
         Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
         Node(4, "QIP_TextEncode", ["A coffee shop entrance with a chalkboard sign reading \"Qwen Coffee $2 per cup\", "
@@ -119,6 +119,71 @@ def text_to_image(model: str, text_encoder: str, note: str) -> dict:
     ], note)
 
 
+EDIT_NOTE = """\
+**Qwen-Image editing** (pack: Qwen-Image / QIP)
+
+| file | folder |
+|---|---|
+| `qwen_image_edit_2511_bf16.safetensors` (or 2509, or the original `qwen_image_edit_*`; fp8 and GGUF work too) | \
+`diffusion_models/` |
+| `qwen_2.5_vl_7b.safetensors` (the vision tower is needed; a GGUF text encoder needs its mmproj file next to it) | \
+`text_encoders/` |
+| `qwen_image_vae.safetensors` | `vae/` |
+
+Load your own image(s) in the Load Image node(s). Every image is sized by one policy (aspect kept, ~1024x1024 area, \
+sides multiples of 32) for both the vision-language branch and the VAE references, the output latent sits on the \
+grid of the last image, and Restore Size maps the result back to the input's exact size: no zoom, no shift. \
+The original Qwen-Image-Edit: choose mode "one image". Edit-2511 is detected from the file.
+Reference settings: 40 steps, CFG 4 (true CFG), euler, the Qwen-Image Scheduler.
+"""
+
+EDIT_PROMPTS = {
+    1: "Turn the scene into a watercolor painting, keep the composition.",
+    3: "Put the object from Picture 2 on the table in Picture 1, lit like Picture 3.",
+}
+
+
+def edit(images: int, masked: bool = False) -> dict:
+    """Edit with ``images`` input images (Edit-2509/2511 mode); ``masked``: the first image's alpha is the mask."""
+    names = ["qwen_edit_input_masked.png"] if masked else [f"qwen_edit_input_{i + 1}.png" for i in range(images)]
+    loads = [Node(20 + i, "LoadImage", [name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+             for i, name in enumerate(names)]
+    edit_inputs = {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER"), "vae": (3, 0, "VAE"), "image": (20, 0, "IMAGE")}
+    for i in range(1, images):
+        edit_inputs[f"image{i + 1}"] = (20 + i, 0, "IMAGE")
+    if masked:
+        edit_inputs["mask"] = (20, 1, "MASK")
+    prompt = "Replace the masked area with a small wooden cabin." if masked else EDIT_PROMPTS.get(images, "")
+    return build([
+        Node(1, "QIP_DiffusionModelLoader", ["qwen_image_edit_2511_bf16.safetensors", "auto", "auto (from the file)"],
+             outputs=[("MODEL", "MODEL")]),
+        Node(2, "QIP_TextEncoderLoader", ["qwen_2.5_vl_7b.safetensors", "auto"],
+             outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
+        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+        *loads,
+        Node(7, "QIP_EditEncode", [prompt, " ", "Qwen-Image-Edit-2509 / 2511 (one or more images)",
+                                   "1024x1024 (reference)", "same as the references", 32, "last image"],
+             edit_inputs, [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
+                           ("sized_images", "IMAGE")], column=1),
+        Node(8, "QIP_TrueCFG", [], {"model": (1, 0, "MODEL")}, [("MODEL", "MODEL")], column=1),
+        Node(9, "QIP_Scheduler", [40, 1.0, "from the latent's resolution", 0.02],
+             {"model": (8, 0, "MODEL"), "latent": (7, 2, "LATENT")}, [("SIGMAS", "SIGMAS")], column=2),
+        Node(10, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
+        Node(11, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
+        Node(12, "CFGGuider", [4.0], {"model": (8, 0, "MODEL"), "positive": (7, 0, "CONDITIONING"),
+                                      "negative": (7, 1, "CONDITIONING")}, [("GUIDER", "GUIDER")], column=2),
+        Node(13, "SamplerCustomAdvanced", [],
+             {"noise": (11, 0, "NOISE"), "guider": (12, 0, "GUIDER"), "sampler": (10, 0, "SAMPLER"),
+              "sigmas": (9, 0, "SIGMAS"), "latent_image": (7, 2, "LATENT")},
+             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
+        Node(14, "VAEDecode", [], {"samples": (13, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
+             column=3),
+        Node(15, "QIP_RestoreSize", [], {"image": (14, 0, "IMAGE"), "original": (20 + images - 1, 0, "IMAGE")},
+             [("IMAGE", "IMAGE")], column=3),
+        Node(16, "SaveImage", ["qwen_image_edit"], {"images": (15, 0, "IMAGE")}, column=3),
+    ], EDIT_NOTE)
+
+
 def main() -> None:
     WORKFLOWS.mkdir(exist_ok=True)
     outputs = {
@@ -126,6 +191,9 @@ def main() -> None:
                                              SAFETENSORS_NOTE),
         "qwen_image_t2i_gguf.json": text_to_image("qwen-image-Q8_0.gguf", "Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
                                                   GGUF_NOTE),
+        "qwen_image_edit.json": edit(1),
+        "qwen_image_edit_3_images.json": edit(3),
+        "qwen_image_edit_masked.json": edit(1, masked=True),
     }
     for name, workflow in outputs.items():
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -25,6 +25,7 @@ env.reexec_in_env(Path(__file__))
 
 sys.path.insert(0, str(env.REPO_ROOT))
 from host import ComfyHost  # noqa: E402
+from models.testing.images import example_inputs  # noqa: E402
 from workflow import ui_to_api  # noqa: E402
 
 DEFAULT_WORKFLOW = env.REPO_ROOT / "workflows" / "qwen_image_t2i.json"
@@ -71,6 +72,7 @@ def main() -> int:
     print(f"[demo] workflow {args.workflow.name}; models from {models_dir}"
           + ("" if args.models else " (built-in tiny random weights: the picture is noise by design)"), flush=True)
     with ComfyHost(models_dir) as host:
+        host.add_inputs(example_inputs())  # what the edit workflows load (replace with your own images in ComfyUI)
         graph = ui_to_api(workflow, host.object_info())
         applied = set()
         for node in graph.values():
@@ -86,7 +88,9 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         saved = []
         for image in result.images:
-            target = args.out / image.name
+            target, n = args.out / image.name, 1
+            while target.exists():  # never overwrite an earlier result
+                target, n = args.out / f"{image.stem}_{n}{image.suffix}", n + 1
             shutil.copyfile(image, target)
             saved.append(target.resolve())
     if not saved:

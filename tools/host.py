@@ -164,6 +164,13 @@ class ComfyHost:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def add_inputs(self, images: dict) -> None:
+        """Write images (uint8 ``[H,W,3|4]`` arrays) into the host's input folder, for LoadImage."""
+        from PIL import Image
+
+        for name, array in images.items():
+            Image.fromarray(array).save(self.input_dir / name)
+
     # -- graphs ------------------------------------------------------------------------------------------------
     def object_info(self) -> dict:
         return self.get("/object_info", timeout=120)
