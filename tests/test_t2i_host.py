@@ -74,15 +74,19 @@ def png(path: Path) -> np.ndarray:
 @pytest.mark.parametrize("workflow", sorted(p.name for p in WORKFLOWS.glob("*.json")))
 def test_every_workflow_runs_in_the_host(host, workflow):
     graph = ui_to_api(json.loads((WORKFLOWS / workflow).read_text(encoding="utf-8")), host.object_info())
+    small = {"preset": CUSTOM, "width": 128, "height": 128, "steps": 2, "area": "512x512"}
     for node in graph.values():  # small and quick, whatever the workflow is
-        for name, value in {"preset": CUSTOM, "width": 128, "height": 128, "steps": 2}.items():
+        for name, value in small.items():
             if name in node["inputs"] and not isinstance(node["inputs"][name], list):
                 node["inputs"][name] = value
     result = host.run(graph)
     assert result.images, "the workflow saved no image"
+    loaded = [node["inputs"]["image"] for node in graph.values() if node["class_type"] == "LoadImage"]
+    # Text-to-image at the small size; an edit restored to its (last) input image's exact size.
+    expected = (128, 128) if not loaded else png(host.input_dir / loaded[-1]).shape[:2]
     for path in result.images:
         image = png(path)
-        assert image.shape == (128, 128, 3) and image.std() > 1.0  # a real picture, not a constant
+        assert image.shape == (*expected, 3) and image.std() > 1.0  # a real picture, not a constant
 
 
 def test_t2i_final_latent_equals_the_diffusers_pipeline(host, host_models_dir):
@@ -118,7 +122,8 @@ def test_host_ksampler_and_vae_nodes_interoperate_with_ours(host):
     # LATENT and encode the same IMAGE.
     graph = {
         "dit": {"class_type": "QIP_DiffusionModelLoader",
-                "inputs": {"model_name": "qwen_image_bf16.safetensors", "weight_dtype": "auto"}},
+                "inputs": {"model_name": "qwen_image_bf16.safetensors", "weight_dtype": "auto",
+                           "edit_2511": "auto (from the file)"}},
         "te": {"class_type": "QIP_TextEncoderLoader",
                "inputs": {"text_encoder_name": "qwen_2.5_vl_7b.safetensors", "weight_dtype": "auto"}},
         "our_vae": {"class_type": "QIP_VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors",
