@@ -7,8 +7,9 @@ temporal slice of its kernel; the temporal down/upsampling convolutions (``time_
 frame of a video and never run.  This module computes exactly that in 2D (channels-last), while keeping every
 parameter with the name and shape stored in the checkpoints (original Wan names, as in ComfyUI's
 ``qwen_image_vae.safetensors``), so files map 1:1 and a host's weight patching / offloading applies unchanged.
-Memory: the unused temporal taps stay loaded (the 3x3x3 kernels are kept whole, about 2/3 of the conv weights:
-~330 MB in fp32, ~165 MB in bf16 for the real 127 M-parameter VAE); the slice is taken at compute time.
+Memory: the unused temporal taps stay loaded (3x3x3 kernels are kept whole and the ``time_conv`` weights too: 82 M
+of the 127 M parameters, ~314 MB in fp32 / ~157 MB in bf16); the slice is taken at compute time (a copy of one
+layer's slice at a time).
 
 Public API::
 
@@ -18,12 +19,13 @@ Public API::
     vae.normalize(z), vae.denormalize(z)
 
 Large images are tiled (see :mod:`models.vae_tiling`): automatically when the untiled call would not fit in the
-free memory of the device or runs out of memory, or on request (``tiled=True``).
+free memory of the device or runs out of memory, or on request (``tiled=True``).  Only the convolutional part is
+tiled, with a context margin that covers its receptive field; the attention runs on the whole latent, so tiled
+results equal untiled ones up to float rounding (no seams).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -129,6 +131,8 @@ class RMSNorm(nn.Module):
 
 
 class ResidualBlock(nn.Module):
+    """norm, SiLU, conv, norm, SiLU, conv, plus the input (through a 1x1 conv when the width changes)."""
+
     def __init__(self, in_dim: int, out_dim: int, ops, device=None, dtype=None):
         super().__init__()
         conv, _ = _layer_classes(ops)
@@ -220,6 +224,8 @@ def _run_head(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
+    """Pixels -> 2 x z_dim moments at 1/8 resolution: residual levels with stride-2 downsampling, middle, head."""
+
     def __init__(self, dim: int, out_ch: int, dim_mult, num_res_blocks: int, temporal, ops, device=None, dtype=None):
         super().__init__()
         conv, _ = _layer_classes(ops)
@@ -252,6 +258,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents -> pixels: middle, residual levels with 2x upsampling, head."""
+
     def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int, temporal, ops, device=None, dtype=None):
         super().__init__()
         conv, _ = _layer_classes(ops)
@@ -291,8 +299,9 @@ class Decoder(nn.Module):
 class QwenImageVAE(nn.Module):
     """Qwen-Image / Wan 2.1 VAE for single images.  Parameters carry the original Wan names.
 
-    ``memory_budget`` (callable ``device -> bytes`` or ``None``) decides automatic tiling; by default the device's
-    free memory (CUDA) or available RAM (CPU).
+    ``dtype`` is the compute dtype (inputs are cast to it; ``ops`` layers cast their weights to it, so weights may
+    be stored in another dtype).  ``memory_budget`` (callable ``device -> bytes`` or ``None``) decides automatic
+    tiling; by default the device's free memory (CUDA) or available RAM (CPU).
     """
 
     def __init__(self, base_dim: int = 96, z_dim: int = 16, dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,

@@ -153,6 +153,19 @@ def test_half_precision_files(vae, files):
     assert _rel_l2(fp16.decode(latents), decoded) < 1e-2
 
 
+def test_weights_cast_at_compute_time(files):
+    # bf16 storage computed in fp32 (the layers cast their weights per call, as a host's manual-cast ops do)
+    # equals the same bf16 weights upcast once at load.
+    stored = load_vae(files["bf16"], dtype=torch.bfloat16)
+    stored.dtype = torch.float32
+    upcast = load_vae(files["bf16"], dtype=torch.float32)
+    assert stored.decoder.conv1.weight.dtype == torch.bfloat16
+    images = _smooth_images(1, 32, 40)
+    latents = upcast.encode(images)
+    assert (stored.encode(images) - latents).abs().max().item() <= 1e-5
+    assert (stored.decode(latents) - upcast.decode(latents)).abs().max().item() <= 1e-5
+
+
 def _write(path, tensors: dict[str, tuple[int, ...]]):
     save_file({name: torch.zeros(shape) for name, shape in tensors.items()}, str(path))
     return path
