@@ -33,6 +33,9 @@ from ..models.schedule import image_tokens, resolution_shift
 
 logger = logging.getLogger("qwen_image")
 
+# transformer_options["patches"] entry under which DiffSynth blockwise controls reach the DiT (nodes/control.py).
+BLOCKWISE_PATCHES = "qip_blockwise"
+
 # The model's default sampling: the reference's exponential shift for the 1328x1328 preset (166x166 latent).
 # Resolution-exact schedules come from the Qwen-Image Scheduler / Sampling Shift nodes.
 DEFAULT_SHIFT = resolution_shift(image_tokens(166, 166))
@@ -68,7 +71,7 @@ def _pad_even(latent: torch.Tensor) -> torch.Tensor:
     return F.pad(latent, (0, pad_w, 0, pad_h), mode="replicate")
 
 
-def _as_image_latent(latent: torch.Tensor) -> torch.Tensor:
+def as_image_latent(latent: torch.Tensor) -> torch.Tensor:
     """``[B,16,H,W]`` from the host's 4-D or single-frame 5-D latent."""
     if latent.ndim == 5:
         if latent.shape[2] != 1:
@@ -88,10 +91,17 @@ class HostQwenImageDiT(QwenImageDiT):
                 attention_mask: torch.Tensor | None = None, ref_latents: list[torch.Tensor] | None = None,
                 control=None, transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
         frames = x.ndim == 5
-        latent = _as_image_latent(x)
+        latent = as_image_latent(x)
         height, width = latent.shape[-2:]
-        refs = [_pad_even(_as_image_latent(r)) for r in ref_latents] if ref_latents else None
-        out = super().forward(_pad_even(latent), timesteps, context, context_mask=attention_mask, ref_latents=refs)
+        refs = [_pad_even(as_image_latent(r)) for r in ref_latents] if ref_latents else None
+        # ControlNet residuals (the host's control dict, summed over chained controls) and blockwise patches.
+        residuals = control.get("input") if isinstance(control, dict) else None
+        patches = ((transformer_options or {}).get("patches") or {}).get(BLOCKWISE_PATCHES, [])
+        block_patches = [patch.for_latent(latent) for patch in patches] or None
+        if (residuals or block_patches) and (height % 2 or width % 2):
+            raise ValueError(f"control needs an even latent size (image sides multiples of 16), got {width}x{height}")
+        out = super().forward(_pad_even(latent), timesteps, context, context_mask=attention_mask, ref_latents=refs,
+                              control=residuals or None, block_patches=block_patches)
         out = out[..., :height, :width]
         return out.unsqueeze(2) if frames else out
 

@@ -40,13 +40,13 @@ def _host_tokenizer_dir() -> str:
     return os.path.join(os.path.dirname(comfy.ops.__file__), "text_encoders", "qwen25_tokenizer")
 
 
-def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     if DTYPES[choice] is not None:
         return DTYPES[choice]
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
-def _host_ops(path: str, compute: torch.dtype):
+def host_ops(path: str, compute: torch.dtype):
     """The layer classes for a file, so the host's casting, offloading and weight patches (LoRA) apply, and the
     dtype the weights are stored in."""
     if path.lower().endswith(".gguf"):
@@ -89,8 +89,8 @@ class DiffusionModelLoader:
     def load(self, model_name: str, weight_dtype: str, edit_2511: str):
         path = resolve("diffusion_models", model_name)
         load_device = mm.get_torch_device()
-        compute = _compute_dtype(weight_dtype, load_device)
-        ops, stored = _host_ops(path, compute)
+        compute = compute_dtype(weight_dtype, load_device)
+        ops, stored = host_ops(path, compute)
         dit = load_diffusion_model(path, dtype=compute, device=mm.unet_offload_device(), ops=ops,
                                    model_class=HostQwenImageDiT)
         if ZERO_COND[edit_2511] is not None and ZERO_COND[edit_2511] != dit.config.zero_cond_t:
@@ -123,9 +123,9 @@ class TextEncoderLoader:
     def load(self, text_encoder_name: str, weight_dtype: str):
         path = resolve("text_encoders", text_encoder_name)
         load_device = mm.text_encoder_device()
-        compute = _compute_dtype(weight_dtype, load_device)
+        compute = compute_dtype(weight_dtype, load_device)
         encoder = load_text_encoder(path, dtype=compute, device=mm.text_encoder_offload_device(),
-                                    ops=_host_ops(path, compute)[0], host_tokenizer_dirs=[_host_tokenizer_dir()])
+                                    ops=host_ops(path, compute)[0], host_tokenizer_dirs=[_host_tokenizer_dir()])
         logger.info("Qwen-Image text encoder: %s (%s, vision tower: %s)", text_encoder_name, compute,
                     "yes" if encoder.has_vision else "no")
         return (HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device()),)
@@ -150,7 +150,7 @@ class VAELoader:
 
     def load(self, vae_name: str, weight_dtype: str):
         path = resolve("vae", vae_name)
-        compute = _compute_dtype(weight_dtype, mm.vae_device())
+        compute = compute_dtype(weight_dtype, mm.vae_device())
         vae = load_vae(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init)
         return (HostVAE(vae),)
 

@@ -360,6 +360,9 @@ def test_make_all_and_cli_write_the_demo_set(tmp_path, capsys):
         "vae": tmp_path / "api" / "vae" / "qwen_image_vae.safetensors",
         "text_encoder": tmp_path / "api" / "text_encoders" / "qwen_2.5_vl_7b.safetensors",
         "lora": tmp_path / "api" / "loras" / "qwen_image_tiny_lora_diffusers.safetensors",
+        "controlnet": tmp_path / "api" / "controlnet" / "Qwen-Image-InstantX-ControlNet-Union.safetensors",
+        "controlnet_inpaint": tmp_path / "api" / "controlnet" / "Qwen-Image-InstantX-ControlNet-Inpainting.safetensors",
+        "blockwise_canny": tmp_path / "api" / "model_patches" / "qwen_image_canny_diffsynth_controlnet.safetensors",
     }
     for role, path in paths.items():
         written = tmp_path / "cli" / path.relative_to(tmp_path / "api")

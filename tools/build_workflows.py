@@ -184,6 +184,93 @@ def edit(images: int, masked: bool = False) -> dict:
     ], EDIT_NOTE)
 
 
+CONTROL_NOTE = """\
+**Qwen-Image with structure control** (pack: Qwen-Image / QIP)
+
+| file | folder |
+|---|---|
+| `qwen_image_bf16.safetensors` (or fp8 / GGUF) | `diffusion_models/` |
+| `qwen_2.5_vl_7b.safetensors` | `text_encoders/` |
+| `qwen_image_vae.safetensors` | `vae/` |
+| {control_file} | {control_folder} |
+
+Load your own control image. {hint}
+Reference settings: 30-50 steps, CFG 4 (true CFG), control strength 0.8-1.0, euler, the Qwen-Image Scheduler.
+"""
+
+
+def control(kind: str) -> dict:
+    """Text-to-image guided by a control: "canny", "depth", "inpaint" (InstantX) or "diffsynth" (blockwise)."""
+    union = "Qwen-Image-InstantX-ControlNet-Union.safetensors"
+    spec = {
+        "canny": ("qwen_control_photo.png", "canny", union, "ControlNet-Union: canny edges made by the preprocessor."),
+        "depth": ("qwen_control_depth.png", "none (depth / pose map as given)", union,
+                  "ControlNet-Union: the depth map is used as given (bring one from any depth estimator)."),
+        "inpaint": ("qwen_edit_input_masked.png", None, "Qwen-Image-InstantX-ControlNet-Inpainting.safetensors",
+                    "Inpainting ControlNet: the image's transparent area (its mask) is repainted."),
+        "diffsynth": ("qwen_control_photo.png", "canny", "qwen_image_canny_diffsynth_controlnet.safetensors",
+                      "DiffSynth blockwise canny patch (models/model_patches): it patches the MODEL."),
+    }[kind]
+    image_name, method, control_file, hint = spec
+    folder = "`model_patches/`" if kind == "diffsynth" else "`controlnet/`"
+    note = CONTROL_NOTE.format(control_file=f"`{control_file}`", control_folder=folder, hint=hint)
+    nodes = [
+        Node(1, "QIP_DiffusionModelLoader", ["qwen_image_bf16.safetensors", "auto", "auto (from the file)"],
+             outputs=[("MODEL", "MODEL")]),
+        Node(2, "QIP_TextEncoderLoader", ["qwen_2.5_vl_7b.safetensors", "auto"],
+             outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
+        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+        Node(4, "QIP_TextEncode", ["A cozy reading corner with a green armchair, warm lamp light, film photo.", " "],
+             {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
+        Node(5, "QIP_EmptyLatent", ["custom (width x height below)", 768, 512, 1], outputs=[("LATENT", "LATENT")],
+             column=1),
+        Node(20, "LoadImage", [image_name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    ]
+    control_image = (20, 0, "IMAGE")
+    if method:
+        nodes.append(Node(21, "QIP_ControlPreprocess", [method, 0.1, 0.2], {"image": (20, 0, "IMAGE")},
+                          [("IMAGE", "IMAGE")], column=1))
+        control_image = (21, 0, "IMAGE")
+    model, positive, negative = (1, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING")
+    if kind == "diffsynth":
+        nodes += [
+            Node(22, "QIP_BlockwiseControlLoader", [control_file, "auto"], outputs=[("QWEN_IMAGE_BLOCKWISE_CONTROL",) * 2]),
+            Node(23, "QIP_BlockwiseControlApply", [1.0], {"model": model, "control": (22, 0, "QWEN_IMAGE_BLOCKWISE_CONTROL"),
+                                                         "vae": (3, 0, "VAE"), "image": control_image},
+                 [("MODEL", "MODEL")], column=1),
+        ]
+        model = (23, 0, "MODEL")
+    else:
+        apply_inputs = {"positive": positive, "negative": negative, "control_net": (22, 0, "CONTROL_NET"),
+                        "vae": (3, 0, "VAE"), "image": control_image}
+        if kind == "inpaint":
+            apply_inputs["mask"] = (20, 1, "MASK")
+        nodes += [
+            Node(22, "QIP_ControlNetLoader", [control_file, "auto"], outputs=[("CONTROL_NET", "CONTROL_NET")]),
+            Node(23, "QIP_ControlNetApply", [1.0, 0.0, 1.0], apply_inputs,
+                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
+        ]
+        positive, negative = (23, 0, "CONDITIONING"), (23, 1, "CONDITIONING")
+    nodes += [
+        Node(6, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=2),
+        Node(7, "QIP_Scheduler", [30, 1.0, "from the latent's resolution", 0.02],
+             {"model": (6, 0, "MODEL"), "latent": (5, 0, "LATENT")}, [("SIGMAS", "SIGMAS")], column=2),
+        Node(8, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
+        Node(9, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
+        Node(10, "CFGGuider", [4.0], {"model": (6, 0, "MODEL"), "positive": positive, "negative": negative},
+             [("GUIDER", "GUIDER")], column=2),
+        Node(11, "SamplerCustomAdvanced", [],
+             {"noise": (9, 0, "NOISE"), "guider": (10, 0, "GUIDER"), "sampler": (8, 0, "SAMPLER"),
+              "sigmas": (7, 0, "SIGMAS"), "latent_image": (5, 0, "LATENT")},
+             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
+        Node(12, "VAEDecode", [], {"samples": (11, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
+             column=3),
+        Node(13, "SaveImage", [f"qwen_image_{kind}"], {"images": (12, 0, "IMAGE")}, column=3),
+    ]
+    return build(nodes, note)
+
+
 def main() -> None:
     WORKFLOWS.mkdir(exist_ok=True)
     outputs = {
@@ -194,6 +281,10 @@ def main() -> None:
         "qwen_image_edit.json": edit(1),
         "qwen_image_edit_3_images.json": edit(3),
         "qwen_image_edit_masked.json": edit(1, masked=True),
+        "qwen_image_controlnet_canny.json": control("canny"),
+        "qwen_image_controlnet_depth.json": control("depth"),
+        "qwen_image_controlnet_inpaint.json": control("inpaint"),
+        "qwen_image_diffsynth_canny.json": control("diffsynth"),
     }
     for name, workflow in outputs.items():
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

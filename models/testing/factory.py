@@ -639,7 +639,8 @@ def make_blockwise_control(out_dir: str | os.PathLike, *, variant: str = "canny"
 def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """The common set for demos, in ComfyUI's model folders under ``out_dir``: ``diffusion_models/
     qwen_image_bf16.safetensors`` and ``qwen_image_edit_2511_bf16.safetensors``, ``vae/qwen_image_vae.safetensors``,
-    ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors``; with ``tokenizer_dir`` (GGUF text encoders carry their
+    ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors``, the
+    InstantX ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``; with ``tokenizer_dir`` (GGUF text encoders carry their
     tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf`` and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf``
     with its mmproj file."""
     out_dir = Path(out_dir)
@@ -649,6 +650,9 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
         "vae": make_vae(out_dir / "vae", seed=seed),
         "text_encoder": make_text_encoder(out_dir / "text_encoders", seed=seed),
         "lora": make_lora(out_dir / "loras", seed=seed),
+        "controlnet": make_controlnet(out_dir / "controlnet", variant="union", layout="comfy", seed=seed),
+        "controlnet_inpaint": make_controlnet(out_dir / "controlnet", variant="inpaint", layout="comfy", seed=seed),
+        "blockwise_canny": make_blockwise_control(out_dir / "model_patches", variant="canny", seed=seed),
     }
     if tokenizer_dir is not None:
         from .gguf_factory import make_dit_gguf, make_text_encoder_gguf  # it builds on this module

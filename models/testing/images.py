@@ -10,7 +10,7 @@ import numpy as np
 
 # File names the edit workflows load (LoadImage); the masked one carries its mask in the alpha channel.
 EXAMPLE_INPUTS = ("qwen_edit_input_1.png", "qwen_edit_input_2.png", "qwen_edit_input_3.png",
-                  "qwen_edit_input_masked.png")
+                  "qwen_edit_input_masked.png", "qwen_control_photo.png", "qwen_control_depth.png")
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -40,4 +40,18 @@ def example_inputs(seed: int = 0) -> dict[str, np.ndarray]:
     alpha = np.full((480, 640, 1), 255, np.uint8)
     alpha[120:360, 200:440] = 0  # transparent = the area to edit (LoadImage's mask is 1 - alpha)
     inputs[EXAMPLE_INPUTS[3]] = np.concatenate([masked, alpha], axis=-1)
+    inputs[EXAMPLE_INPUTS[4]] = (photo_like(768, 512, seed + 11) * 255).round().astype(np.uint8)
+    inputs[EXAMPLE_INPUTS[5]] = depth_like(768, 512, seed + 12)
     return inputs
+
+
+def depth_like(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A depth-map-like uint8 RGB image: a receding floor with a few nearer boxes (brighter = nearer)."""
+    rng = np.random.default_rng(seed)
+    y = np.mgrid[0:height, 0:width][0].astype(np.float32)
+    depth = 0.15 + 0.7 * y / max(height - 1, 1)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, width * 3 // 4), rng.integers(height // 4, height * 3 // 4)
+        depth[y0:y0 + height // 5, x0:x0 + width // 6] = rng.uniform(0.6, 1.0)
+    gray = (np.clip(depth, 0, 1) * 255).round().astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)

@@ -1,0 +1,339 @@
+"""Structure guidance: the InstantX ControlNet-Union (a host CONTROL_NET), DiffSynth blockwise control patches,
+and built-in preprocessors (canny, soft edge, pass-through for depth / pose maps).
+
+The ControlNet is a host ``ControlBase``: it rides in CONDITIONING like the host's own ControlNets, so strength,
+start / end percent and chaining several controls (their residuals summed, as diffusers' multi-ControlNet does)
+work as users know them, and the host's ControlNet Apply nodes accept it too.  Like the reference pipeline, our
+apply node computes the residuals with the positive prompt and reuses them for the negative (CFG) pass.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+import comfy.controlnet
+import comfy.model_management as mm
+import comfy.model_patcher
+
+from ..models.blockwise_control import inpaint_control_latent as blockwise_inpaint_latent
+from ..models.blockwise_control import load_blockwise_control
+from ..models.controlnet import inpaint_control_latent, load_controlnet
+from ..models.edit_geometry import resize_images
+from .common import CATEGORY, mappings
+from .host_model import BLOCKWISE_PATCHES, QwenImageLatentFormat, as_image_latent
+from .loaders import DTYPE_TOOLTIP, DTYPES, WEIGHT_EXTENSIONS, compute_dtype, host_ops
+from .model_files import list_models, resolve
+
+logger = logging.getLogger("qwen_image")
+BLOCKWISE_TYPE = "QWEN_IMAGE_BLOCKWISE_CONTROL"
+SPATIAL_FACTOR = 8
+
+
+def _encode_control(vae, image: torch.Tensor, latent: torch.Tensor, black_out: torch.Tensor | None = None):
+    """The normalized VAE latent of ``image`` stretched to the target latent's pixel size (as the reference
+    pipelines resize control images), keeping whatever models the sampler had loaded."""
+    height, width = latent.shape[-2] * SPATIAL_FACTOR, latent.shape[-1] * SPATIAL_FACTOR
+    pixels = resize_images(image[..., :3].float(), width, height)
+    if black_out is not None:  # the inpainting ControlNet sees the repainted area as black
+        keep = F.interpolate(black_out[:, None].float(), size=(height, width))[:, 0, ..., None] <= 0.5
+        pixels = pixels * keep
+    loaded = mm.loaded_models(only_currently_used=True)
+    raw = vae.encode(pixels)
+    mm.load_models_gpu(loaded)
+    return QwenImageLatentFormat().process_in(as_image_latent(raw)).to(latent.device)
+
+
+class QwenImageControl(comfy.controlnet.ControlBase):
+    """The InstantX ControlNet-Union for Qwen-Image in the host's ControlNet machinery."""
+
+    def __init__(self, patcher: comfy.model_patcher.ModelPatcher):
+        super().__init__()
+        self.patcher = patcher
+        self.latent_format = QwenImageLatentFormat()  # a VAE is required to encode the control image
+        self.positive_context: torch.Tensor | None = None
+        self.inpaint_mask: torch.Tensor | None = None
+        self._control_latent: torch.Tensor | None = None
+        self._reuse: tuple | None = None  # (sigma, x, residuals) of the last call, for the CFG pass
+
+    @property
+    def model(self):
+        return self.patcher.model
+
+    def copy(self) -> "QwenImageControl":
+        copied = QwenImageControl(self.patcher)
+        self.copy_to(copied)
+        copied.positive_context = self.positive_context
+        copied.inpaint_mask = self.inpaint_mask
+        return copied
+
+    def get_models(self) -> list:
+        return super().get_models() + [self.patcher]
+
+    def cleanup(self) -> None:
+        self._control_latent, self._reuse = None, None
+        super().cleanup()
+
+    def _control(self, latent: torch.Tensor) -> torch.Tensor:
+        if self._control_latent is None or self._control_latent.shape[-2:] != latent.shape[-2:]:
+            image = self.cond_hint_original.movedim(1, -1)  # the apply nodes store [B,C,H,W]
+            inpaint = self.model.config.extra_channels > 0
+            if inpaint and self.inpaint_mask is None:
+                raise ValueError("This is the Inpainting ControlNet: give the apply node a mask (1 = repaint).")
+            encoded = _encode_control(self.vae, image, latent, self.inpaint_mask if inpaint else None)
+            self._control_latent = inpaint_control_latent(encoded, self.inpaint_mask) if inpaint else encoded
+        return self._control_latent
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
+        previous = None
+        if self.previous_controlnet is not None:
+            previous = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
+            return previous
+        latent = as_image_latent(x_noisy)
+        reuse = self._reuse
+        if reuse is not None and reuse[0] == float(t[0]) and reuse[1].shape == latent.shape[1:] and \
+                torch.equal(reuse[1], latent[0]):
+            residuals = reuse[2]  # the same step's conditional residuals, reused for the negative pass
+        else:
+            context = self.positive_context if self.positive_context is not None else cond["c_crossattn"]
+            context = context.to(device=latent.device)
+            residuals = self.model(latent, t[:1].expand(latent.shape[0]), context.expand(latent.shape[0], -1, -1),
+                                   self._control(latent).expand(latent.shape[0], -1, -1, -1))
+            self._reuse = (float(t[0]), latent[0].clone(), residuals)
+        if residuals[0].shape[0] != latent.shape[0]:
+            residuals = [r[:1].expand(latent.shape[0], -1, -1) for r in residuals]
+        # control_merge scales by the strength in place: hand it copies so the reused residuals stay intact.
+        return self.control_merge({"input": [r.clone() for r in residuals]}, previous, x_noisy.dtype)
+
+
+class BlockwisePatch:
+    """A DiffSynth blockwise control as a host model patch (``transformer_options["patches"]``)."""
+
+    def __init__(self, patcher, vae, image: torch.Tensor, strength: float, mask: torch.Tensor | None):
+        self.patcher, self.vae, self.image, self.strength, self.mask = patcher, vae, image, strength, mask
+        self._tokens: torch.Tensor | None = None
+        self._shape: tuple | None = None
+
+    def for_latent(self, latent: torch.Tensor):
+        """The DiT ``block_patches`` entry for a target latent ``[B,16,h,w]``."""
+        control = self.patcher.model
+        if self._tokens is None or self._shape != latent.shape[-2:]:
+            encoded = _encode_control(self.vae, self.image, latent)
+            if control.config.extra_channels:
+                encoded = blockwise_inpaint_latent(encoded, self.mask)
+            self._tokens, self._shape = control.encode(encoded), latent.shape[-2:]
+        return control.patch(self._tokens.to(latent.device), self.strength)
+
+    def to(self, device):
+        if isinstance(device, torch.device) and self._tokens is not None:
+            self._tokens = self._tokens.to(device)
+        return self
+
+    def models(self) -> list:
+        return [self.patcher]
+
+
+def _wrap(module, load_device) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+class ControlNetLoader:
+    NODE_ID = "ControlNetLoader"
+    DISPLAY_NAME = "Load Qwen-Image ControlNet"
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("CONTROL_NET",)
+    OUTPUT_TOOLTIPS = ("The ControlNet-Union (or its Inpainting variant), usable with the apply nodes.",)
+    DESCRIPTION = ("Loads the InstantX Qwen-Image ControlNet-Union (canny, soft edge, depth, pose) or the "
+                   "Inpainting ControlNet, as safetensors (bf16/fp16/fp32), a diffusers folder or GGUF.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "control_net_name": (list_models("controlnet", "controlnet", WEIGHT_EXTENSIONS), {
+                "tooltip": "A file or folder in models/controlnet, e.g. Qwen-Image-InstantX-ControlNet-Union."}),
+            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, control_net_name: str, weight_dtype: str):
+        path = resolve("controlnet", control_net_name)
+        load_device = mm.get_torch_device()
+        compute = compute_dtype(weight_dtype, load_device)
+        module = load_controlnet(path, dtype=compute, device=mm.unet_offload_device(), ops=host_ops(path, compute)[0])
+        logger.info("Qwen-Image ControlNet: %s (%d blocks%s)", control_net_name, len(module.transformer_blocks),
+                    ", inpainting" if module.config.extra_channels else "")
+        return (QwenImageControl(_wrap(module, load_device)),)
+
+
+class ControlNetApply:
+    NODE_ID = "ControlNetApply"
+    DISPLAY_NAME = "Qwen-Image ControlNet Apply"
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("The prompt conditioning with the control attached.", "The negative, with the same control.")
+    DESCRIPTION = ("Guides generation with a control image (canny / soft edge / depth / pose, or inpainting with "
+                   "a mask). Chain several apply nodes to combine controls; their residuals add up.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "The prompt conditioning."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative conditioning (gets the same residuals)."}),
+                "control_net": ("CONTROL_NET", {"tooltip": "From Load Qwen-Image ControlNet."}),
+                "vae": ("VAE", {"tooltip": "The Qwen-Image VAE, to encode the control image."}),
+                "image": ("IMAGE", {"tooltip": "The control image (an edge map, depth map, pose image...), "
+                                               "resized to the output size."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                       "tooltip": "How strongly the control steers (the reference's "
+                                                  "controlnet_conditioning_scale; 0 = off)."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                            "tooltip": "Sampling progress at which the control starts."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                          "tooltip": "Sampling progress at which the control stops."}),
+            },
+            "optional": {"mask": ("MASK", {"tooltip": "Inpainting ControlNet only: the area to repaint (1)."})},
+        }
+
+    def apply(self, positive, negative, control_net, vae, image, strength: float, start_percent: float,
+              end_percent: float, mask=None):
+        if strength == 0:
+            return (positive, negative)
+        context = positive[0][0]  # like the reference: residuals from the prompt, reused for the negative pass
+        attached: dict = {}
+        outputs = []
+        for conditioning in (positive, negative):
+            result = []
+            for tensor, options in conditioning:
+                options = options.copy()
+                previous = options.get("control")
+                key = id(previous)
+                if key not in attached:
+                    control = control_net.copy().set_cond_hint(image.movedim(-1, 1), strength,
+                                                               (start_percent, end_percent), vae=vae)
+                    control.positive_context = context
+                    control.inpaint_mask = mask
+                    control.set_previous_controlnet(previous)
+                    attached[key] = control
+                options["control"] = attached[key]
+                options["control_apply_to_uncond"] = False
+                result.append([tensor, options])
+            outputs.append(result)
+        return tuple(outputs)
+
+
+class BlockwiseControlLoader:
+    NODE_ID = "BlockwiseControlLoader"
+    DISPLAY_NAME = "Load Qwen-Image DiffSynth Control Patch"
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (BLOCKWISE_TYPE,)
+    OUTPUT_TOOLTIPS = ("A DiffSynth blockwise control (canny, depth or inpaint) for Qwen-Image Blockwise Apply.",)
+    DESCRIPTION = "Loads a DiffSynth blockwise ControlNet patch for Qwen-Image from models/model_patches."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "patch_name": (list_models("model_patches", "model_patches", (".safetensors", ".sft")), {
+                "tooltip": "e.g. qwen_image_canny_diffsynth_controlnet.safetensors in models/model_patches."}),
+            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, patch_name: str, weight_dtype: str):
+        path = resolve("model_patches", patch_name)
+        load_device = mm.get_torch_device()
+        compute = compute_dtype(weight_dtype, load_device)
+        module = load_blockwise_control(path, dtype=compute, device=mm.unet_offload_device(),
+                                        ops=host_ops(path, compute)[0])
+        return (_wrap(module, load_device),)
+
+
+class BlockwiseControlApply:
+    NODE_ID = "BlockwiseControlApply"
+    DISPLAY_NAME = "Qwen-Image DiffSynth Control Apply"
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the control patch applied after every DiT block.",)
+    DESCRIPTION = "Applies a DiffSynth blockwise control patch (canny, depth, inpaint) to the Qwen-Image model."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The Qwen-Image model."}),
+                "control": (BLOCKWISE_TYPE, {"tooltip": "From Load Qwen-Image DiffSynth Control Patch."}),
+                "vae": ("VAE", {"tooltip": "The Qwen-Image VAE, to encode the control image."}),
+                "image": ("IMAGE", {"tooltip": "The control image (edge map, depth map, or the image to inpaint)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                       "tooltip": "Scale of the control residuals (0 = off)."}),
+            },
+            "optional": {"mask": ("MASK", {"tooltip": "Inpaint patch only: the area to repaint (1)."})},
+        }
+
+    def apply(self, model, control, vae, image, strength: float, mask=None):
+        patched = model.clone()
+        if strength != 0:
+            patched.set_model_patch(BlockwisePatch(control, vae, image, strength, mask), BLOCKWISE_PATCHES)
+        return (patched,)
+
+
+class ControlPreprocess:
+    NODE_ID = "ControlPreprocess"
+    DISPLAY_NAME = "Qwen-Image Control Preprocessor"
+    CATEGORY = CATEGORY
+    FUNCTION = "process"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The control image for the ControlNet (white structure on black).",)
+    DESCRIPTION = ("Built-in preprocessing: canny edges, a soft edge map (blurred Sobel magnitude, HED-like), or "
+                   "pass-through for depth or pose maps you already have.")
+    METHODS = ("canny", "soft edge", "none (depth / pose map as given)")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The picture to extract structure from (or a ready control map)."}),
+            "method": (list(cls.METHODS), {"tooltip": "Which control to make; match it to the ControlNet mode."}),
+            "low_threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Canny: weaker edges below this are dropped."}),
+            "high_threshold": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
+                                         "tooltip": "Canny: edges above this are always kept."}),
+        }}
+
+    def process(self, image, method: str, low_threshold: float, high_threshold: float):
+        if method == self.METHODS[2]:
+            return (image,)
+        gray = image[..., :3].movedim(-1, 1).float().mean(dim=1, keepdim=True)
+        if method == "canny":
+            try:
+                import kornia
+            except ImportError as e:
+                raise RuntimeError("canny needs kornia (part of ComfyUI's requirements): pip install kornia") from e
+            if low_threshold >= high_threshold:
+                raise ValueError("canny: low_threshold must be below high_threshold")
+            edges = kornia.filters.canny(gray, low_threshold=low_threshold, high_threshold=high_threshold)[1]
+        else:
+            edges = soft_edges(gray)
+        return (edges.clamp(0, 1).expand(-1, 3, -1, -1).movedim(1, -1).contiguous(),)
+
+
+def soft_edges(gray: torch.Tensor) -> torch.Tensor:
+    """A soft edge map ``[B,1,H,W]`` in 0..1: Sobel gradient magnitude of a Gaussian-blurred image, normalised."""
+    kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=gray.device) / 16
+    blur = kernel[:, None] * kernel[None]
+    smooth = F.conv2d(F.pad(gray, (2, 2, 2, 2), mode="replicate"), blur[None, None])
+    sobel_x = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=gray.device)
+    padded = F.pad(smooth, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(padded, sobel_x[None, None])
+    gy = F.conv2d(padded, sobel_x.t()[None, None])
+    magnitude = torch.sqrt(gx * gx + gy * gy)
+    return magnitude / magnitude.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
+    ControlNetLoader, ControlNetApply, BlockwiseControlLoader, BlockwiseControlApply, ControlPreprocess)
