@@ -550,12 +550,16 @@ def _identify(shapes: Mapping[str, tuple[int, ...]], source) -> tuple[str, str]:
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: str | torch.device = "cpu",
              ops=None) -> QwenImageVAE:
     """Load the Qwen-Image VAE from a ComfyUI single file (original Wan names), a diffusers ``vae`` folder
-    (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a single diffusers-named file.
+    (``config.json`` + ``diffusion_pytorch_model.safetensors``, or the pipeline folder holding it) or a single
+    diffusers-named file.
 
     Weights are stored and computed in ``dtype`` (bf16 / fp16 / fp32 files accepted).  ``ops`` is the layer
     namespace (default :class:`models.ops.CastOps`).  Other VAEs (SD / SDXL / Flux, Wan 2.2) are refused with a
     :class:`~models.weights.WeightFileError`.
     """
+    path = Path(path)
+    if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
+        path = path / "vae"  # a whole diffusers pipeline folder
     checkpoint = open_checkpoint(path)
     shapes = {name: tuple(checkpoint.shape(name)) for name in checkpoint}
     layout, prefix = _identify(shapes, checkpoint.source)

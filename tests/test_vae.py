@@ -127,6 +127,7 @@ def test_normalize_uses_the_diffusers_statistics(vae, reference):
 # ---------------------------------------------------------------------------------------------------------------
 def test_comfy_and_diffusers_layouts_give_identical_outputs(vae, files, tmp_path):
     from_folder = load_vae(files["diffusers"])
+    from_pipeline = load_vae(files["diffusers"].parent)  # the pipeline folder holding vae/
     # A single file with diffusers names (as some single-file VAE releases are).
     single = tmp_path / "diffusers_named_vae.safetensors"
     folder = files["diffusers"]
@@ -134,7 +135,7 @@ def test_comfy_and_diffusers_layouts_give_identical_outputs(vae, files, tmp_path
     from_single = load_vae(single)
     images = _images(1, 32, 48, seed=7)
     latents = vae.encode(images)
-    for other in (from_folder, from_single):
+    for other in (from_folder, from_pipeline, from_single):
         assert torch.equal(other.encode(images), latents)
         assert torch.equal(other.decode(latents), vae.decode(latents))
 
