@@ -28,7 +28,7 @@ from torch import nn
 from .dit import BlockPatch, pack_latent
 from .dit_loader import _Prefixed
 from .ops import CastOps
-from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint
+from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["BlockwiseControlConfig", "BlockwiseControl", "load_blockwise_control", "blockwise_from_tensors",
            "inpaint_control_latent"]
@@ -149,11 +149,6 @@ def inpaint_control_latent(latent: torch.Tensor, mask: torch.Tensor | None = Non
     return torch.cat([latent, keep], dim=1)
 
 
-def _shape_of(tensors: Mapping, key: str) -> tuple[int, ...]:
-    shape_of = getattr(tensors, "shape", None)
-    return tuple(shape_of(key)) if callable(shape_of) else tuple(tensors[key].shape)
-
-
 def detect_blockwise_config(tensors: Mapping, source: str = "checkpoint") -> BlockwiseControlConfig:
     """The :class:`BlockwiseControlConfig` of a DiffSynth blockwise ControlNet mapping, from tensor shapes."""
     keys = list(tensors)
@@ -167,10 +162,10 @@ def detect_blockwise_config(tensors: Mapping, source: str = "checkpoint") -> Blo
                     f"{todo[0].upper()}{todo[1:]}.")
         raise WeightFileError(f"{source}: not a DiffSynth Qwen-Image blockwise ControlNet: found {len(keys)} "
                               f"tensors (e.g. {sample}); expected the keys {', '.join(_REQUIRED)}.")
-    width, in_features = _shape_of(tensors, "img_in.weight")
+    width, in_features = tensor_shape(tensors, "img_in.weight")
     base = _PATCH * _PATCH * LATENT_CHANNELS
     extra = in_features - base
-    if extra < 0 or extra % (_PATCH * _PATCH) or _shape_of(tensors, "controlnet_blocks.0.x_rms.weight") != (width,):
+    if extra < 0 or extra % (_PATCH * _PATCH) or tensor_shape(tensors, "controlnet_blocks.0.x_rms.weight") != (width,):
         raise WeightFileError(f"{source}: inconsistent blockwise ControlNet shapes (img_in {in_features} -> "
                               f"{width}).")
     depth = 0

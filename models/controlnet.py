@@ -25,19 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import (DiTConfig, DoubleStreamBlock, TimeTextEmbed, joint_attention_mask, pack_latent,
-                  timestep_sinusoid)
+from .dit import DiTConfig, DoubleStreamTrunk, joint_attention_mask, pack_latent
 from .dit_loader import _Prefixed
 from .ops import CastOps
-from .rope import MSRoPE
-from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint
+from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["ControlNetConfig", "QwenImageControlNet", "load_controlnet", "controlnet_from_tensors",
            "detect_controlnet_config", "inpaint_control_latent"]
 
 logger = logging.getLogger("qwen_image")
 
-_EPS = 1e-6
 LATENT_CHANNELS = 16
 _REQUIRED = ("img_in.weight", "txt_in.weight", "controlnet_x_embedder.weight", "controlnet_blocks.0.weight",
              "transformer_blocks.0.attn.norm_q.weight")
@@ -73,7 +70,7 @@ class ControlNetConfig(DiTConfig):
         return (self.in_channels + self.extra_channels) // (p * p)
 
 
-class QwenImageControlNet(nn.Module):
+class QwenImageControlNet(DoubleStreamTrunk):
     """Call ``cn(x, timestep, context, control_latent, context_mask=None, conditioning_scale=1.0)``.
 
     Build on ``device="meta"`` and fill with :func:`models.weights.assign_weights` (see :func:`load_controlnet`).
@@ -81,22 +78,13 @@ class QwenImageControlNet(nn.Module):
 
     def __init__(self, config: ControlNetConfig, compute_dtype: torch.dtype = torch.float32, ops=CastOps,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.config = config
-        self.compute_dtype = compute_dtype
+        super().__init__(config, compute_dtype, ops, device, dtype)
         width = config.width
         factory = {"device": device, "dtype": dtype}
-        self.time_text_embed = TimeTextEmbed(width, ops, **factory)
-        self.txt_norm = ops.RMSNorm(config.joint_dim, eps=_EPS, **factory)
-        self.img_in = ops.Linear(config.in_channels, width, bias=True, **factory)
-        self.txt_in = ops.Linear(config.joint_dim, width, bias=True, **factory)
-        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(config, ops, **factory)
-                                                for _ in range(config.depth))
         self.controlnet_blocks = nn.ModuleList(ops.Linear(width, width, bias=True, **factory)
                                                for _ in range(config.depth))
         self.controlnet_x_embedder = ops.Linear(config.in_channels + config.extra_channels, width, bias=True,
                                                 **factory)
-        self.rope = MSRoPE(config.axes_dim, config.rope_theta)
 
     def _packed(self, latent: torch.Tensor, channels: int, batch: int, size: tuple[int, int], what: str):
         if latent.ndim != 4 or latent.shape[1] != channels or tuple(latent.shape[2:]) != size:
@@ -128,9 +116,8 @@ class QwenImageControlNet(nn.Module):
                             "a control latent")
         img = self.img_in(img) + self.controlnet_x_embedder(hint)
 
-        sigma = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
-        silu_temb = F.silu(self.time_text_embed.timestep_embedder(timestep_sinusoid(sigma).to(dtype)))
-        txt = self.txt_in(self.txt_norm(context.to(device=device, dtype=dtype)))
+        silu_temb = self.time_embedding(torch.as_tensor(timestep, device=device).reshape(-1).expand(batch))
+        txt = self.text_tokens(context, device)
         rope = self.rope([(height // p, width // p)], txt.shape[1], device, dtype)
         mask = joint_attention_mask(context_mask, img.shape[1], device)
 
@@ -160,11 +147,6 @@ def inpaint_control_latent(latent: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return torch.cat([latent, keep], dim=1)
 
 
-def _shape_of(tensors: Mapping, key: str) -> tuple[int, ...]:
-    shape_of = getattr(tensors, "shape", None)
-    return tuple(shape_of(key)) if callable(shape_of) else tuple(tensors[key].shape)
-
-
 def _check_keys(keys: list[str], source: str) -> None:
     if all(k in keys for k in _REQUIRED):
         return
@@ -186,10 +168,10 @@ def detect_controlnet_config(tensors: Mapping, config_json: dict | None = None,
     """
     keys = list(tensors)
     _check_keys(keys, source)
-    width, in_channels = _shape_of(tensors, "img_in.weight")
-    joint_dim = _shape_of(tensors, "txt_in.weight")[1]
-    head_dim = _shape_of(tensors, "transformer_blocks.0.attn.norm_q.weight")[0]
-    embed_width, control_in = _shape_of(tensors, "controlnet_x_embedder.weight")
+    width, in_channels = tensor_shape(tensors, "img_in.weight")
+    joint_dim = tensor_shape(tensors, "txt_in.weight")[1]
+    head_dim = tensor_shape(tensors, "transformer_blocks.0.attn.norm_q.weight")[0]
+    embed_width, control_in = tensor_shape(tensors, "controlnet_x_embedder.weight")
     extra = control_in - in_channels
     if width % head_dim or in_channels % 4 or extra < 0 or extra % 4 or embed_width != width:
         raise WeightFileError(f"{source}: inconsistent Qwen-Image ControlNet shapes (width {width}, head_dim "

@@ -28,7 +28,8 @@ from torch import nn
 from .ops import CastOps
 from .rope import MSRoPE, apply_rope, split_rope
 
-__all__ = ["DiTConfig", "QwenImageDiT", "pack_latent", "unpack_latent", "joint_attention_mask", "BlockPatch"]
+__all__ = ["DiTConfig", "DoubleStreamTrunk", "QwenImageDiT", "pack_latent", "unpack_latent", "joint_attention_mask",
+           "BlockPatch"]
 
 _EPS = 1e-6
 # ``patch(block_index, target_image_tokens) -> residual or None``, run after each DiT block.
@@ -251,7 +252,34 @@ class OutputNorm(nn.Module):
         return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=_EPS), scale + 1)
 
 
-class QwenImageDiT(nn.Module):
+class DoubleStreamTrunk(nn.Module):
+    """What the DiT and the ControlNet share: timestep and text embedding, the image input projection, the
+    double-stream blocks and MSRoPE (parameter names as in the checkpoints)."""
+
+    def __init__(self, config: DiTConfig, compute_dtype: torch.dtype = torch.float32, ops=CastOps,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        factory = {"device": device, "dtype": dtype}
+        self.time_text_embed = TimeTextEmbed(config.width, ops, **factory)
+        self.txt_norm = ops.RMSNorm(config.joint_dim, eps=_EPS, **factory)
+        self.img_in = ops.Linear(config.in_channels, config.width, bias=True, **factory)
+        self.txt_in = ops.Linear(config.joint_dim, config.width, bias=True, **factory)
+        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(config, ops, **factory)
+                                                for _ in range(config.depth))
+        self.rope = MSRoPE(config.axes_dim, config.rope_theta)
+
+    def time_embedding(self, sigma: torch.Tensor) -> torch.Tensor:
+        """SiLU of the timestep embedding of ``sigma [N]`` (what every modulation Linear reads)."""
+        sinusoid = timestep_sinusoid(sigma).to(self.compute_dtype)
+        return F.silu(self.time_text_embed.timestep_embedder(sinusoid))
+
+    def text_tokens(self, context: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.txt_in(self.txt_norm(context.to(device=device, dtype=self.compute_dtype)))
+
+
+class QwenImageDiT(DoubleStreamTrunk):
     """Qwen-Image MMDiT.  Call ``dit(x, timestep, context, context_mask=None, ref_latents=None, control=None)``.
 
     Build on ``device="meta"`` and fill with :func:`models.weights.assign_weights` (see
@@ -260,20 +288,11 @@ class QwenImageDiT(nn.Module):
 
     def __init__(self, config: DiTConfig, compute_dtype: torch.dtype = torch.float32, ops=CastOps,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.config = config
-        self.compute_dtype = compute_dtype
-        width = config.width
+        super().__init__(config, compute_dtype, ops, device, dtype)
         factory = {"device": device, "dtype": dtype}
-        self.time_text_embed = TimeTextEmbed(width, ops, **factory)
-        self.txt_norm = ops.RMSNorm(config.joint_dim, eps=_EPS, **factory)
-        self.img_in = ops.Linear(config.in_channels, width, bias=True, **factory)
-        self.txt_in = ops.Linear(config.joint_dim, width, bias=True, **factory)
-        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(config, ops, **factory)
-                                                for _ in range(config.depth))
-        self.norm_out = OutputNorm(width, ops, **factory)
-        self.proj_out = ops.Linear(width, config.patch_size ** 2 * config.out_channels, bias=True, **factory)
-        self.rope = MSRoPE(config.axes_dim, config.rope_theta)
+        self.norm_out = OutputNorm(config.width, ops, **factory)
+        self.proj_out = ops.Linear(config.width, config.patch_size ** 2 * config.out_channels, bias=True,
+                                   **factory)
 
     def _pack(self, latent: torch.Tensor, batch: int) -> tuple[torch.Tensor, tuple[int, int]]:
         p = self.config.patch_size
@@ -325,11 +344,10 @@ class QwenImageDiT(nn.Module):
         sigma = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
         if zero_cond:
             sigma = torch.cat([sigma, torch.zeros_like(sigma)])
-        temb = self.time_text_embed.timestep_embedder(timestep_sinusoid(sigma).to(dtype))
-        silu_temb = F.silu(temb)
+        silu_temb = self.time_embedding(sigma)
 
         img = self.img_in(img)
-        txt = self.txt_in(self.txt_norm(context.to(device=device, dtype=dtype)))
+        txt = self.text_tokens(context, device)
         rope = self.rope(grids, txt.shape[1], device, dtype)
         mask = joint_attention_mask(context_mask, img.shape[1], device)
 

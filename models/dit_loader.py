@@ -21,7 +21,7 @@ import torch
 
 from .dit import DiTConfig, QwenImageDiT
 from .ops import CastOps
-from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint
+from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_dtype, tensor_shape
 
 __all__ = ["load_diffusion_model", "detect_dit_config", "dit_from_tensors"]
 
@@ -65,14 +65,10 @@ class _Prefixed(Mapping):
         return len(self._keys)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        shape_of = getattr(self._tensors, "shape", None)
-        key = self._keys[name]
-        return tuple(shape_of(key)) if callable(shape_of) else tuple(self._tensors[key].shape)
+        return tensor_shape(self._tensors, self._keys[name])
 
     def dtype(self, name: str) -> torch.dtype:
-        dtype_of = getattr(self._tensors, "dtype", None)
-        key = self._keys[name]
-        return dtype_of(key) if callable(dtype_of) else self._tensors[key].dtype
+        return tensor_dtype(self._tensors, self._keys[name])
 
 
 def _describe_keys(keys: list[str]) -> str:
@@ -101,10 +97,8 @@ def detect_dit_config(tensors: Mapping, config_json: dict | None = None, source:
     RoPE axes follow ``(head_dim // 8, rest / 2, rest / 2)`` unless ``config_json`` names them.
     ``zero_cond_t`` (Edit-2511) comes from ``config_json`` or the marker tensor ``__index_timestep_zero__``.
     """
-    shape_of = getattr(tensors, "shape", None)
-
     def shape(key: str) -> tuple[int, ...]:
-        return tuple(shape_of(key)) if callable(shape_of) else tuple(tensors[key].shape)
+        return tensor_shape(tensors, key)
 
     width, in_channels = shape("img_in.weight")
     joint_dim = shape("txt_in.weight")[1]
@@ -130,10 +124,7 @@ def detect_dit_config(tensors: Mapping, config_json: dict | None = None, source:
 
 
 def _weight_format(tensors: Mapping, scaled: bool) -> str:
-    dtype_of = getattr(tensors, "dtype", None)
-    key = "transformer_blocks.0.attn.to_q.weight"
-    dtype = dtype_of(key) if callable(dtype_of) else tensors[key].dtype
-    name = str(dtype).removeprefix("torch.")
+    name = str(tensor_dtype(tensors, "transformer_blocks.0.attn.to_q.weight")).removeprefix("torch.")
     return f"{name} scaled" if scaled else name
 
 

@@ -43,7 +43,7 @@ from .ops import CastOps
 from .qwen25vl import Qwen25VLModel, TextConfig, VisionConfig, mrope_positions
 from .tokenizer import QwenTokenizer, find_tokenizer
 from .vision_preprocess import preprocess_image
-from .weights import WeightFileError, assign_weights, open_checkpoint
+from .weights import WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["PromptTemplate", "TEMPLATES", "TextEncoder", "load_text_encoder", "build_text_encoder",
            "detect_configs", "canonical_name"]
@@ -299,8 +299,7 @@ class _OnDevice(Mapping):
         return len(self._tensors)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        shape_of = getattr(self._tensors, "shape", None)
-        return tuple(shape_of(key)) if callable(shape_of) else tuple(self._tensors[key].shape)
+        return tensor_shape(self._tensors, key)
 
 
 def build_text_encoder(tensors: Mapping[str, torch.Tensor], text: TextConfig, vision: VisionConfig | None,

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["WeightFileError", "SafetensorsCheckpoint", "open_checkpoint", "assign_weights", "FLOAT8_DTYPES"]
+__all__ = ["WeightFileError", "SafetensorsCheckpoint", "open_checkpoint", "assign_weights", "tensor_shape",
+           "tensor_dtype", "FLOAT8_DTYPES"]
 
 FLOAT8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -138,6 +139,19 @@ class SafetensorsCheckpoint(Mapping):
         return total
 
 
+def tensor_shape(tensors: Mapping, name: str) -> tuple[int, ...]:
+    """Logical (torch-order) shape of one tensor, from the mapping's ``shape(name)`` when it has one (a lazy
+    checkpoint reads it from the header; a quantized one reports the unpacked shape), else the tensor itself."""
+    shape_of = getattr(tensors, "shape", None)
+    return tuple(shape_of(name)) if callable(shape_of) else tuple(tensors[name].shape)
+
+
+def tensor_dtype(tensors: Mapping, name: str) -> torch.dtype:
+    """Stored dtype of one tensor (from the header when the mapping can tell without reading data)."""
+    dtype_of = getattr(tensors, "dtype", None)
+    return dtype_of(name) if callable(dtype_of) else tensors[name].dtype
+
+
 def open_checkpoint(path: str | os.PathLike) -> SafetensorsCheckpoint:
     """Open a ``.safetensors`` file or a folder (diffusers / HF layout) lazily; validates headers only.
 
@@ -191,8 +205,6 @@ def assign_weights(
     """
     expected = dict(module.named_parameters())
     expected.update(dict(module.named_buffers()))
-    # Quantized checkpoints store packed blocks; their mapping reports the logical (torch-order) shape.
-    shape_of = getattr(tensors, "shape", None)
     seen: set[str] = set()
     unexpected: list[str] = []
     for key in tensors:
@@ -210,7 +222,7 @@ def assign_weights(
             continue
         tensor = tensors[key]
         ref = expected[name]
-        shape = tuple(shape_of(key)) if callable(shape_of) else tuple(tensor.shape)
+        shape = tensor_shape(tensors, key)  # quantized checkpoints report the unpacked shape
         if shape != tuple(ref.shape):
             raise WeightFileError(f"{what}: tensor '{key}' has shape {shape}, expected {tuple(ref.shape)}.")
         if dtype is not None and tensor.dtype not in keep_dtypes and tensor.is_floating_point():

@@ -10,30 +10,22 @@ the node's VAE is replaced by one that returns the given raw latent).
 """
 
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_dit_oracle import comfy_dit, import_host  # noqa: E402
 
 
 def main() -> None:
     comfy_dir, io_file = sys.argv[1], sys.argv[2]
-    sys.argv = [sys.argv[0], "--cpu", "--use-pytorch-cross-attention"]
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.ldm.qwen_image.model as qwen_model
+    import_host(comfy_dir)
     import comfy.ops
     from comfy_extras.nodes_model_patch import QwenImageBlockWiseControlNet, QwenImageDiffsynthControlnet
 
     data = torch.load(io_file)
-    cfg = data["dit_config"]
-    dit = qwen_model.QwenImageTransformer2DModel(
-        patch_size=cfg["patch_size"], in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-        num_layers=cfg["num_layers"], attention_head_dim=cfg["attention_head_dim"],
-        num_attention_heads=cfg["num_attention_heads"], joint_attention_dim=cfg["joint_attention_dim"],
-        axes_dims_rope=tuple(cfg["axes_dims_rope"]), image_model="qwen_image", dtype=torch.float32, device="cpu",
-        operations=comfy.ops.disable_weight_init)
-    dit.load_state_dict(data["dit_state"], strict=True)
+    dit = comfy_dit(data["dit_config"], data["dit_state"])
 
     class FixedVAE:
         def __init__(self, raw):
