@@ -217,3 +217,19 @@ def test_writer_refuses_bad_input(tmp_path: Path):
     with pytest.raises(GGUFError, match="needs 34"):
         writer.write()
     assert not any(tmp_path.iterdir())  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F16"])
+def test_dequantize_into_a_reused_buffer_is_identical(qtype):
+    from models.gguf.dequant import dequantize
+    from models.gguf.quantize import quantize
+    from models.gguf.reader import GGMLType
+
+    weight = torch.randn(8, 512, generator=torch.manual_seed(3))
+    raw = quantize(weight, GGMLType[qtype]).reshape(-1)
+    fresh = dequantize(raw, GGMLType[qtype], (8, 512))
+    buffer = torch.full((8 * 512,), float("nan"))
+    reused = dequantize(raw, GGMLType[qtype], (8, 512), out=buffer)
+    assert torch.equal(reused, fresh) and reused.data_ptr() == buffer.data_ptr()
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize(raw, GGMLType[qtype], (8, 512), out=torch.empty(10))

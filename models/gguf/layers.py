@@ -90,19 +90,36 @@ class QuantizedTensor(torch.Tensor):
             memo[id(self)] = copied
         return memo[id(self)]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as an ordinary tensor of ``dtype`` on this tensor's device."""
-        return dequantize(self.as_subclass(torch.Tensor), self.qtype, self.logical_shape, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as an ordinary tensor of ``dtype`` on this tensor's device (written into ``out`` if given)."""
+        return dequantize(self.as_subclass(torch.Tensor), self.qtype, self.logical_shape, dtype, out=out)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return (f"QuantizedTensor({self.qtype.name}, shape={list(self.logical_shape)}, "
                 f"{self.numel()} bytes, device={self.device})")
 
 
-def _dense(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """A QuantizedTensor dequantized on ``like``'s device in its dtype; anything else unchanged."""
+# Reused CPU buffers for just-in-time weights, one per role: fresh memory costs page faults that take longer than
+# dequantizing (GPU allocators cache their blocks already).  A weight from here lives only for its own op.
+_scratch: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch_for(role: str, numel: int, like: torch.Tensor) -> torch.Tensor | None:
+    if like.device.type != "cpu":
+        return None
+    key = (role, like.device, like.dtype)
+    buffer = _scratch.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buffer[:numel]
+
+
+def _dense(tensor: torch.Tensor | None, like: torch.Tensor, scratch: str | None = None) -> torch.Tensor | None:
+    """A QuantizedTensor dequantized on ``like``'s device in its dtype (into the ``scratch`` role's reused buffer
+    when given: only for a weight used once, right away); anything else unchanged."""
     if isinstance(tensor, QuantizedTensor):
-        return tensor.to(like.device).dequantize(like.dtype)
+        out = _scratch_for(scratch, tensor.logical_shape.numel(), like) if scratch else None
+        return tensor.to(like.device).dequantize(like.dtype, out=out)
     return tensor
 
 
@@ -156,7 +173,7 @@ class _GGUFLayer:
             return None
         quantized = isinstance(weight, QuantizedTensor)
         if self._lora is None and not (quantized and self.cache_dequantized):
-            return _dense(weight, like) if quantized else cast_weight(self, like)
+            return _dense(weight, like, scratch="weight") if quantized else cast_weight(self, like)
         key = (id(weight), _version(weight), like.dtype, like.device)
         if self._cache_key != key:
             self._cached = None  # free the old cache before building the new one
@@ -171,7 +188,7 @@ class _GGUFLayer:
 
     def _bias(self, like: torch.Tensor) -> torch.Tensor | None:
         bias = getattr(self, "bias", None)
-        return _dense(bias, like) if isinstance(bias, QuantizedTensor) else cast_bias(self, like)
+        return _dense(bias, like, scratch="bias") if isinstance(bias, QuantizedTensor) else cast_bias(self, like)
 
 
 class GGUFOps:
