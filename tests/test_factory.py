@@ -103,7 +103,7 @@ def test_comfy_dit_loads_strict_in_diffusers(tmp_path, dit_reference, dtype, pre
         assert raw["scaled_fp8"].dtype == torch.float8_e4m3fn and raw["scaled_fp8"].numel() == 0
         assert raw["transformer_blocks.0.img_mod.1.scale_weight"].shape == ()
         assert raw["transformer_blocks.0.img_mod.1.scale_input"].dtype == torch.float32
-        assert not any(k.endswith(".scale_weight") and not k.removesuffix(".scale_weight") + ".weight" in raw
+        assert not any(k.endswith(".scale_weight") and k.removesuffix(".scale_weight") + ".weight" not in raw
                        for k in raw)
     else:
         assert not any(k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8" for k in raw)

@@ -42,9 +42,9 @@ def build(nodes: list[Node], note: str) -> dict:
         entry = {
             "id": node.id, "type": node.type, "pos": [40 + 380 * node.column, 40 + 260 * row], "size": [340, 200],
             "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": name, "type": kind, "link": next(l[0] for l in links if l[3] == node.id
-                                                                   and l[4] == i)}
-                       for i, (name, (_, _, kind)) in enumerate(node.inputs.items())],
+            "inputs": [{"name": name, "type": kind,
+                        "link": next(link[0] for link in links if link[3] == node.id and link[4] == slot)}
+                       for slot, (name, (_, _, kind)) in enumerate(node.inputs.items())],
             "outputs": [{"name": name, "type": kind, "links": outgoing.get((node.id, slot), []), "slot_index": slot}
                         for slot, (name, kind) in enumerate(node.outputs)],
             "properties": {"Node name for S&R": node.type},
