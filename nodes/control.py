@@ -94,17 +94,16 @@ class QwenImageControl(comfy.controlnet.ControlBase):
             return previous
         latent = as_image_latent(x_noisy)
         reuse = self._reuse
-        if reuse is not None and reuse[0] == float(t[0]) and reuse[1].shape == latent.shape[1:] and \
-                torch.equal(reuse[1], latent[0]):
+        if reuse is not None and torch.equal(reuse[0], t) and reuse[1].shape == latent.shape and \
+                torch.equal(reuse[1], latent):
             residuals = reuse[2]  # the same step's conditional residuals, reused for the negative pass
         else:
             context = self.positive_context if self.positive_context is not None else cond["c_crossattn"]
             context = context.to(device=latent.device)
-            residuals = self.model(latent, t[:1].expand(latent.shape[0]), context.expand(latent.shape[0], -1, -1),
-                                   self._control(latent).expand(latent.shape[0], -1, -1, -1))
-            self._reuse = (float(t[0]), latent[0].clone(), residuals)
-        if residuals[0].shape[0] != latent.shape[0]:
-            residuals = [r[:1].expand(latent.shape[0], -1, -1) for r in residuals]
+            batch = latent.shape[0]
+            residuals = self.model(latent, t, context.expand(batch, -1, -1) if context.shape[0] == 1 else context,
+                                   self._control(latent).expand(batch, -1, -1, -1))
+            self._reuse = (t.clone(), latent.clone(), residuals)
         # control_merge scales by the strength in place: hand it copies so the reused residuals stay intact.
         return self.control_merge({"input": [r.clone() for r in residuals]}, previous, x_noisy.dtype)
 
