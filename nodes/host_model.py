@@ -149,27 +149,54 @@ class _HostPatchable:
     """Lets the host's weight patches (LoRA loaders, model merging) reach GGUF weights.
 
     The ModelPatcher looks for ``convert_weight`` / ``set_weight`` on a layer (its hook for weights that are not
-    plain tensors): it asks for the weight dequantized, applies its patches in fp32, and hands the result back.
-    We keep the packed weight and store the difference as the layer's LoRA delta, which the layer merges once
-    into a cached dense weight (not on every call).  When the host restores its backup (a new Parameter object),
-    the delta no longer belongs to the weight and is dropped.
+    plain tensors):
+
+    * full load: it dequantizes through ``convert_weight``, applies its patches in fp32 and hands the result to
+      ``set_weight``; we keep the packed weight and hold the patched dense weight (bf16 on GPUs, fp32 on CPU), used
+      instead of dequantizing - the patch is merged once, not on every call.  It is dropped when the host unpatches
+      (see :class:`QwenImageModelPatcher`) or restores its backup (a new Parameter object);
+    * low-VRAM (partial) load: like the host's own layers we carry ``comfy_cast_weights`` and ``weight_function``
+      / ``bias_function``; the host attaches per-call patch functions, applied to the just-in-time dense weight.
     """
 
-    _patched_for: torch.Tensor | None = None
+    comfy_cast_weights = False  # set by the host for layers it leaves offloaded; we cast per call in any case
+    weight_function: list = []
+    bias_function: list = []
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
-        return weight.dequantize(torch.float32) if isinstance(weight, QuantizedTensor) else weight
+        if isinstance(weight, QuantizedTensor):
+            return weight.dequantize(torch.float32)
+        return weight if inplace else weight.clone()  # the caller patches the result in place
 
-    def set_weight(self, patched: torch.Tensor, inplace_update: bool = False, seed: int = 0, **kwargs) -> None:
-        base = self.convert_weight(self.weight.to(patched.device)).float()
-        self.set_lora(patched.float() - base)
-        self.__dict__["_patched_for"] = self.weight  # a reference, not a registered parameter
+    def set_weight(self, patched: torch.Tensor, inplace_update: bool = False, seed: int = 0,
+                   return_weight: bool = False, **kwargs):
+        if return_weight:  # low-VRAM path: the patched weight is used for this call only
+            return patched
+        if inplace_update:
+            raise RuntimeError("Hooked (scheduled) LoRAs are not supported on GGUF weights; load the LoRA with a "
+                               "plain LoRA loader instead.")
+        stored = torch.bfloat16 if patched.device.type == "cuda" else torch.float32
+        self.__dict__["_patched"] = (self.weight, patched.to(stored))  # plain attribute, not a parameter
+        return None
+
+    def clear_patch(self) -> None:
+        self.__dict__.pop("_patched", None)
 
     def _weight(self, like: torch.Tensor):
-        if self._lora is not None and self._patched_for is not None and self.weight is not self._patched_for:
-            self.set_lora(None)
-            self.__dict__["_patched_for"] = None
-        return super()._weight(like)
+        patched = self.__dict__.get("_patched")
+        if patched is not None and patched[0] is not self.weight:  # the host restored its backup
+            self.clear_patch()
+            patched = None
+        weight = super()._weight(like) if patched is None else patched[1].to(device=like.device, dtype=like.dtype)
+        for function in self.weight_function:
+            weight = function(weight).to(like.dtype)
+        return weight
+
+    def _bias(self, like: torch.Tensor):
+        bias = super()._bias(like)
+        for function in self.bias_function:
+            bias = function(bias).to(like.dtype)
+        return bias
 
 
 class HostGGUFOps(GGUFOps):
@@ -197,11 +224,24 @@ class HostGGUFOps(GGUFOps):
         pass
 
 
+class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
+    """The host's ModelPatcher, which also drops the patched dense weights of GGUF layers when it unpatches (so
+    their memory goes with the patches, at once)."""
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
+        result = super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
+        if unpatch_weights:
+            for module in self.model.modules():
+                if isinstance(module, _HostPatchable):
+                    module.clear_patch()
+        return result
+
+
 def wrap_diffusion_model(dit: HostQwenImageDiT, weight_dtype: torch.dtype,
                          manual_cast_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher (the host's MODEL) around a loaded DiT that sits on the offload device."""
     config = QwenImageModelConfig(QwenImageModelConfig.unet_config)
     config.set_inference_dtype(weight_dtype, manual_cast_dtype)
     model = QwenImageHostModel(dit, config, device=comfy.model_management.unet_offload_device())
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return QwenImageModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                 offload_device=comfy.model_management.unet_offload_device())

@@ -27,10 +27,10 @@ def main() -> None:
     sys.modules["qip"] = pack
     spec.loader.exec_module(pack)
     from qip.models.dit_loader import load_diffusion_model
-    from qip.nodes.host_model import HostQwenImageDiT, wrap_diffusion_model
+    from qip.nodes.host_model import HostGGUFOps, HostQwenImageDiT, wrap_diffusion_model
 
-    dit = load_diffusion_model(dit_file, dtype=torch.float32, ops=comfy.ops.disable_weight_init,
-                               model_class=HostQwenImageDiT)
+    ops = HostGGUFOps if dit_file.endswith(".gguf") else comfy.ops.disable_weight_init
+    dit = load_diffusion_model(dit_file, dtype=torch.float32, ops=ops, model_class=HostQwenImageDiT)
     patcher = wrap_diffusion_model(dit, torch.float32, None)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     patcher.add_patches(comfy.lora.load_lora(comfy.utils.load_torch_file(lora_file), key_map), 0.8)
@@ -50,6 +50,8 @@ def main() -> None:
         results[f"{mode}_cast_layers"] = cast
         results[f"{mode}_patched_layers"] = patched
         patcher.unpatch_model(cpu)
+        # nothing of the patch stays behind (GGUF layers hold their patched dense weight until unpatched)
+        results[f"{mode}_left_after_unpatch"] = sum(1 for m in patcher.model.modules() if "_patched" in vars(m))
     patcher.load(cpu, full_load=True)  # no LoRA: what the patches change
     patcher.patches = {}
     patcher.unpatch_model(cpu)

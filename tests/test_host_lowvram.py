@@ -5,17 +5,19 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from env import REPO_ROOT, comfyui_path, venv_python
 
 
-def test_partial_load_with_a_lora_equals_full_load(host_models_dir, tmp_path):
+@pytest.mark.parametrize("model", ["qwen_image_bf16.safetensors", "qwen-image-Q8_0.gguf"])
+def test_partial_load_with_a_lora_equals_full_load(host_models_dir, tmp_path, model):
     out = tmp_path / "lowvram.pt"
     probe = Path(__file__).with_name("host_lowvram_probe.py")
     result = subprocess.run(
         [str(venv_python()), str(probe), str(comfyui_path()), str(REPO_ROOT),
-         str(host_models_dir / "diffusion_models" / "qwen_image_bf16.safetensors"),
+         str(host_models_dir / "diffusion_models" / model),
          str(host_models_dir / "loras" / "qwen_image_tiny_lora_diffusers.safetensors"), str(out)],
         cwd=comfyui_path(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -24,4 +26,5 @@ def test_partial_load_with_a_lora_equals_full_load(host_models_dir, tmp_path):
     assert results["full_cast_layers"] == 0 and results["lowvram_cast_layers"] > 10
     assert results["lowvram_patched_layers"] > 10
     assert (results["lowvram"] - results["full"]).abs().max() < 1e-5
+    assert results["full_left_after_unpatch"] == 0 and results["lowvram_left_after_unpatch"] == 0
     assert (results["full"] - results["no_lora"]).abs().max() > 1e-3  # the LoRA is really in both
