@@ -35,6 +35,7 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1), "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_SCALES = ("scale_weight", "scale_input")  # "scaled fp8" per-layer factors
 
 
 class WeightFileError(ValueError):
@@ -213,7 +214,7 @@ def assign_weights(
             continue
         owner_name, _, leaf = name.rpartition(".")
         if name not in expected:
-            if leaf in ("scale_weight", "scale_input"):
+            if leaf in _SCALES:
                 owner = module.get_submodule(owner_name) if owner_name else module
                 if not hasattr(owner, leaf):  # a layer class that declares the attribute handles it itself
                     owner.register_buffer(leaf, tensors[key].to(torch.float32), persistent=True)
@@ -225,7 +226,9 @@ def assign_weights(
         shape = tensor_shape(tensors, key)  # quantized checkpoints report the unpacked shape
         if shape != tuple(ref.shape):
             raise WeightFileError(f"{what}: tensor '{key}' has shape {shape}, expected {tuple(ref.shape)}.")
-        if dtype is not None and tensor.dtype not in keep_dtypes and tensor.is_floating_point():
+        if leaf in _SCALES:
+            tensor = tensor.to(torch.float32)  # scales stay fp32 whatever the compute dtype
+        elif dtype is not None and tensor.dtype not in keep_dtypes and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         owner = module.get_submodule(owner_name) if owner_name else module
         if isinstance(ref, nn.Parameter):
@@ -233,6 +236,16 @@ def assign_weights(
         else:
             owner._buffers[leaf] = tensor
         seen.add(name)
+    for name in set(expected) - seen:
+        owner_name, _, leaf = name.rpartition(".")
+        if leaf in _SCALES:  # a "scaled fp8" layer class declares scales for every Linear; unscaled layers use 1
+            owner = module.get_submodule(owner_name) if owner_name else module
+            ones = torch.ones(expected[name].shape, dtype=torch.float32)
+            if isinstance(expected[name], nn.Parameter):
+                owner._parameters[leaf] = nn.Parameter(ones, requires_grad=False)
+            else:
+                owner._buffers[leaf] = ones
+            seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing or unexpected:
         parts = []
