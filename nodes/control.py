@@ -101,8 +101,10 @@ class QwenImageControl(comfy.controlnet.ControlBase):
             context = self.positive_context if self.positive_context is not None else cond["c_crossattn"]
             context = context.to(device=latent.device)
             batch = latent.shape[0]
+            # Several control images spread over the batch the way the host's ControlNets do it.
+            control = comfy.controlnet.broadcast_image_to(self._control(latent), batch, batched_number)
             residuals = self.model(latent, t, context.expand(batch, -1, -1) if context.shape[0] == 1 else context,
-                                   self._control(latent).expand(batch, -1, -1, -1))
+                                   control.expand(batch, -1, -1, -1) if control.shape[0] == 1 else control)
             self._reuse = (t.clone(), latent.clone(), residuals)
         # control_merge scales by the strength in place: hand it copies so the reused residuals stay intact.
         return self.control_merge({"input": [r.clone() for r in residuals]}, previous, x_noisy.dtype)

@@ -76,6 +76,10 @@ class HostVAE:
         top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
         return pixels[:, top:top + height, left:left + width, :]
 
+    def get_sd(self) -> dict:
+        """The weights under the original Wan names (what VAE Save / checkpoint saving write)."""
+        return self.first_stage_model.state_dict()
+
     # -- work --------------------------------------------------------------------------------------------------
     def _load(self) -> None:
         mm.load_models_gpu([self.patcher])

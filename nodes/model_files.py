@@ -49,10 +49,23 @@ def _model_folders(folder: str, part: str) -> list[str]:
     return found
 
 
+def _inside_model_folder(folder: str, name: str) -> bool:
+    """Whether a listed file is a shard of a diffusers/HF model folder (a ``config.json`` beside it or above it)."""
+    parent = os.path.dirname(name)
+    while parent:
+        for base in folder_paths.get_folder_paths(folder):
+            if os.path.isfile(os.path.join(base, parent, "config.json")):
+                return True
+        parent = os.path.dirname(parent)
+    return False
+
+
 def list_models(folder: str, part: str, extensions: tuple[str, ...]) -> list[str]:
-    """Loadable single files (by extension) and model folders in a host model folder."""
+    """Loadable single files (by extension; not the shards inside model folders, not mmproj files) and model
+    folders in a host model folder."""
     files = [name for name in folder_paths.get_filename_list(folder)
-             if name.lower().endswith(extensions) and _MMPROJ not in os.path.basename(name).lower()]
+             if name.lower().endswith(extensions) and _MMPROJ not in os.path.basename(name).lower()
+             and not _inside_model_folder(folder, name)]
     return sorted(set(files)) + _model_folders(folder, part)
 
 

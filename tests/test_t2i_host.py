@@ -303,3 +303,20 @@ def test_loaders_refuse_a_wrong_file_with_a_clear_message(host, host_models_dir)
         host.run(graph)
     message = str(failure.value)
     assert "QIP_DiffusionModelLoader" in message and "VAE" in message, message[:2000]
+
+
+def test_loader_offers_diffusers_folders_but_not_their_shards(host, host_models_dir):
+    from models.testing.factory import make_dit
+
+    folder = make_dit(host_models_dir / "diffusion_models", layout="diffusers", dtype="bf16", seed=0)
+    name = f"{folder.parent.name}/{folder.name}/"
+    choices = host.object_info()["QIP_DiffusionModelLoader"]["input"]["required"]["model_name"][0]
+    assert name in choices
+    assert not any("diffusion_pytorch_model" in choice for choice in choices), choices
+    outputs = []
+    for model_name in (name, "qwen_image_bf16.safetensors"):  # the same seed: the same weights in both layouts
+        graph = small_t2i(host, steps=2, seed=4)
+        set_inputs(graph, "QIP_DiffusionModelLoader", model_name=model_name)
+        save_latent(graph, [node_id(graph, "SamplerCustomAdvanced"), 0], f"layout{len(outputs)}")
+        outputs.append(read_latent(host.run(graph)))
+    assert torch.equal(outputs[0], outputs[1])
