@@ -63,6 +63,17 @@ class QwenImageLatentFormat(comfy.latent_formats.Wan21):
         return latent * std / self.scale_factor + mean
 
 
+_warned: set[str] = set()
+
+
+def _warn_unhandled(kinds: set[str]) -> None:
+    """Say once per kind that a host model patch (e.g. the core DiffSynth node's double_block patch) is ignored."""
+    for kind in sorted(kinds - _warned):
+        _warned.add(kind)
+        logger.warning("Qwen-Image: the '%s' model patch is not supported by this pack's DiT and is ignored; use "
+                       "the pack's own control nodes (Qwen-Image DiffSynth Control Apply, ControlNet Apply).", kind)
+
+
 def _pad_even(latent: torch.Tensor) -> torch.Tensor:
     """Pad odd latent sides by one row/column of edge replication (never wrap-around copies of the far edge)."""
     pad_h, pad_w = latent.shape[-2] % 2, latent.shape[-1] % 2
@@ -96,7 +107,9 @@ class HostQwenImageDiT(QwenImageDiT):
         refs = [_pad_even(as_image_latent(r)) for r in ref_latents] if ref_latents else None
         # ControlNet residuals (the host's control dict, summed over chained controls) and blockwise patches.
         residuals = control.get("input") if isinstance(control, dict) else None
-        patches = ((transformer_options or {}).get("patches") or {}).get(BLOCKWISE_PATCHES, [])
+        options = transformer_options or {}
+        _warn_unhandled(set(options.get("patches") or {}) - {BLOCKWISE_PATCHES} | set(options.get("patches_replace") or {}))
+        patches = (options.get("patches") or {}).get(BLOCKWISE_PATCHES, [])
         block_patches = [patch.for_latent(latent) for patch in patches] or None
         if (residuals or block_patches) and (height % 2 or width % 2):
             raise ValueError(f"control needs an even latent size (image sides multiples of 16), got {width}x{height}")

