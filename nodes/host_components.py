@@ -81,20 +81,24 @@ class HostVAE:
         return self.first_stage_model.state_dict()
 
     # -- work --------------------------------------------------------------------------------------------------
-    def _load(self) -> None:
-        mm.load_models_gpu([self.patcher])
+    def _load(self, memory_required: int) -> None:
+        # Ask the host for room for the activations too, so it offloads other models first; whatever still does
+        # not fit is handled by the VAE's own automatic tiling.
+        mm.load_models_gpu([self.patcher], memory_required=memory_required)
 
     def decode(self, samples: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
                tile_overlap: int | None = None) -> torch.Tensor:
-        self._load()
+        latent = samples if samples.ndim == 4 else samples[:, :, 0]
+        self._load(self.first_stage_model.estimate_decode_bytes(
+            latent.shape[0], latent.shape[-2] * SPATIAL_FACTOR, latent.shape[-1] * SPATIAL_FACTOR))
         images = self.first_stage_model.decode(samples, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
                                                progress=_progress_bar())
         return images.to(mm.intermediate_device())
 
     def encode(self, pixels: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
                tile_overlap: int | None = None) -> torch.Tensor:
-        self._load()
         pixels = self.vae_encode_crop_pixels(pixels[..., :3])
+        self._load(self.first_stage_model.estimate_encode_bytes(pixels.shape[0], pixels.shape[1], pixels.shape[2]))
         latent = self.first_stage_model.encode(pixels, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
                                                progress=_progress_bar())
         return latent.unsqueeze(2).to(mm.intermediate_device())
