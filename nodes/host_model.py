@@ -238,8 +238,24 @@ class HostGGUFOps(GGUFOps):
 
 
 class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
-    """The host's ModelPatcher, which also drops the patched dense weights of GGUF layers when it unpatches (so
-    their memory goes with the patches, at once)."""
+    """The host's ModelPatcher, aware of GGUF layers' patched dense weights: they count in the model's size (so
+    the host makes room for them before loading) and are dropped when it unpatches."""
+
+    def model_size(self) -> int:
+        if getattr(self, "_weights_size", None) is None:  # the packed weights themselves, measured once
+            self._weights_size = comfy.model_management.module_size(self.model)
+        return self._weights_size + self.patched_gguf_bytes()
+
+    def patched_gguf_bytes(self) -> int:
+        """Memory of the dense copies GGUF layers hold once patched (bf16 on GPUs, fp32 on CPU)."""
+        per_value = 2 if self.load_device.type == "cuda" else 4
+        extra = 0
+        for key in self.patches:
+            owner_name, _, leaf = key.rpartition(".")
+            weight = getattr(self.model.get_submodule(owner_name), leaf, None) if owner_name else None
+            if isinstance(weight, QuantizedTensor):
+                extra += weight.logical_shape.numel() * per_value
+        return extra
 
     def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
         result = super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)

@@ -32,7 +32,9 @@ def main() -> None:
     ops = HostGGUFOps if dit_file.endswith(".gguf") else comfy.ops.disable_weight_init
     dit = load_diffusion_model(dit_file, dtype=torch.float32, ops=ops, model_class=HostQwenImageDiT)
     patcher = wrap_diffusion_model(dit, torch.float32, None)
+    size_without_lora = patcher.model_size()
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    patcher = patcher.clone()  # as the LoRA loaders do
     patcher.add_patches(comfy.lora.load_lora(comfy.utils.load_torch_file(lora_file), key_map), 0.8)
 
     generator = torch.manual_seed(0)
@@ -40,7 +42,8 @@ def main() -> None:
     context = torch.randn(1, 7, 64, generator=generator)
     sigma = torch.tensor([0.7])
     cpu = torch.device("cpu")
-    results = {}
+    results = {"size_without_lora": size_without_lora, "size_with_lora": patcher.model_size(),
+               "patched_gguf_bytes": patcher.patched_gguf_bytes()}
     for mode, budget in (("full", 0), ("lowvram", 1)):
         patcher.load(cpu, lowvram_model_memory=budget, full_load=(mode == "full"))
         cast = sum(1 for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False))
