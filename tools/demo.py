@@ -58,6 +58,8 @@ def main() -> int:
                         help="set every node input called NAME (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("output"), help="where to copy the images (default ./output)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the graph")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="auto: the GPU for your own models when one is there, the CPU for the tiny ones")
     args = parser.parse_args()
 
     workflow = json.loads(args.workflow.read_text(encoding="utf-8"))
@@ -71,7 +73,10 @@ def main() -> int:
 
     print(f"[demo] workflow {args.workflow.name}; models from {models_dir}"
           + ("" if args.models else " (built-in tiny random weights: the picture is noise by design)"), flush=True)
-    with ComfyHost(models_dir) as host:
+    import torch
+
+    use_gpu = args.device == "gpu" or (args.device == "auto" and args.models is not None and torch.cuda.is_available())
+    with ComfyHost(models_dir, cpu=not use_gpu) as host:
         host.add_inputs(example_inputs())  # what the edit workflows load (replace with your own images in ComfyUI)
         graph = ui_to_api(workflow, host.object_info())
         applied = set()

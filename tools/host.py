@@ -62,7 +62,7 @@ class ComfyHost:
     """A headless ComfyUI process on 127.0.0.1 with this pack loaded."""
 
     def __init__(self, models_dir: str | os.PathLike | None = None, *, extra_args: tuple[str, ...] = (),
-                 startup_timeout: float = 240.0):
+                 startup_timeout: float = 240.0, cpu: bool = True):
         self.workdir = Path(tempfile.mkdtemp(prefix="qwen-image-host-"))
         self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
         self.output_dir = self.workdir / "output"
@@ -70,6 +70,7 @@ class ComfyHost:
         self.log_path = self.workdir / "host.log"
         self.extra_args = extra_args
         self.startup_timeout = startup_timeout
+        self.cpu = cpu  # tests always run on the CPU (fp32, bitwise repeatable); the demo may use a GPU
         self.port = 0
         self.process: subprocess.Popen | None = None
         self.comfyui = comfyui_path()
@@ -88,7 +89,8 @@ class ComfyHost:
         lines += [f"    {sub}: {sub}" for sub in MODEL_FOLDERS]
         config.write_text("\n".join(lines) + "\n")
         self.port = _free_port()
-        cmd = [str(venv_python()), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [str(venv_python()), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port),
                "--disable-api-nodes", "--extra-model-paths-config", str(config),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
