@@ -61,6 +61,44 @@ def build(nodes: list[Node], note: str) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+def loaders(model: str, text_encoder: str = "qwen_2.5_vl_7b.safetensors") -> list[Node]:
+    """Nodes 1-3: the diffusion model, text encoder and VAE loaders."""
+    return [
+        Node(1, "QIP_DiffusionModelLoader", [model, "auto", "auto (from the file)"], outputs=[("MODEL", "MODEL")]),
+        Node(2, "QIP_TextEncoderLoader", [text_encoder, "auto"], outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
+        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+    ]
+
+
+def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent: tuple, steps: int, prefix: str,
+             restore_to: tuple | None = None) -> list[Node]:
+    """The reference sampling from node id ``first`` on: true CFG 4, the Qwen-Image Scheduler, euler, decode with
+    the VAE (node 3), optionally Restore Size to ``restore_to``'s image, and save."""
+    cfg, sigmas, sampler, noise, guider, sample, decode = range(first, first + 7)
+    nodes = [
+        Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=1),
+        Node(sigmas, "QIP_Scheduler", [steps, 1.0, "from the latent's resolution", 0.02],
+             {"model": (cfg, 0, "MODEL"), "latent": latent}, [("SIGMAS", "SIGMAS")], column=2),
+        Node(sampler, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
+        Node(noise, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
+        Node(guider, "CFGGuider", [4.0], {"model": (cfg, 0, "MODEL"), "positive": positive, "negative": negative},
+             [("GUIDER", "GUIDER")], column=2),
+        Node(sample, "SamplerCustomAdvanced", [],
+             {"noise": (noise, 0, "NOISE"), "guider": (guider, 0, "GUIDER"), "sampler": (sampler, 0, "SAMPLER"),
+              "sigmas": (sigmas, 0, "SIGMAS"), "latent_image": latent},
+             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
+        Node(decode, "VAEDecode", [], {"samples": (sample, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
+             column=3),
+    ]
+    image = (decode, 0, "IMAGE")
+    if restore_to is not None:
+        nodes.append(Node(decode + 1, "QIP_RestoreSize", [], {"image": image, "original": restore_to},
+                          [("IMAGE", "IMAGE")], column=3))
+        image = (decode + 1, 0, "IMAGE")
+    nodes.append(Node(image[0] + 1, "SaveImage", [prefix], {"images": image}, column=3))
+    return nodes
+
+
 SAFETENSORS_NOTE = """\
 **Qwen-Image text-to-image** (pack: Qwen-Image / QIP)
 
@@ -93,29 +131,15 @@ Reference settings: 50 steps, CFG 4 (true CFG), euler, the Qwen-Image Scheduler.
 
 def text_to_image(model: str, text_encoder: str, note: str) -> dict:
     return build([
-        Node(1, "QIP_DiffusionModelLoader", [model, "auto", "auto (from the file)"], outputs=[("MODEL", "MODEL")]),
-        Node(2, "QIP_TextEncoderLoader", [text_encoder, "auto"], outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
-        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+        *loaders(model, text_encoder),
         Node(4, "QIP_TextEncode", ["A coffee shop entrance with a chalkboard sign reading \"Qwen Coffee $2 per cup\", "
                                   "a neon light beside it displaying \"通义千问\", ultra HD, 4K, cinematic composition.",
                                   " "],
              {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
              [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
         Node(5, "QIP_EmptyLatent", ["1328x1328 (1:1)", 1024, 1024, 1], outputs=[("LATENT", "LATENT")], column=1),
-        Node(6, "QIP_TrueCFG", [], {"model": (1, 0, "MODEL")}, [("MODEL", "MODEL")], column=1),
-        Node(7, "QIP_Scheduler", [50, 1.0, "from the latent's resolution", 0.02],
-             {"model": (6, 0, "MODEL"), "latent": (5, 0, "LATENT")}, [("SIGMAS", "SIGMAS")], column=2),
-        Node(8, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
-        Node(9, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
-        Node(10, "CFGGuider", [4.0], {"model": (6, 0, "MODEL"), "positive": (4, 0, "CONDITIONING"),
-                                      "negative": (4, 1, "CONDITIONING")}, [("GUIDER", "GUIDER")], column=2),
-        Node(11, "SamplerCustomAdvanced", [],
-             {"noise": (9, 0, "NOISE"), "guider": (10, 0, "GUIDER"), "sampler": (8, 0, "SAMPLER"),
-              "sigmas": (7, 0, "SIGMAS"), "latent_image": (5, 0, "LATENT")},
-             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
-        Node(12, "VAEDecode", [], {"samples": (11, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
-             column=3),
-        Node(13, "SaveImage", ["qwen_image"], {"images": (12, 0, "IMAGE")}, column=3),
+        *sampling(6, (1, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (5, 0, "LATENT"), 50,
+                  "qwen_image"),
     ], note)
 
 
@@ -155,32 +179,14 @@ def edit(images: int, masked: bool = False) -> dict:
         edit_inputs["mask"] = (20, 1, "MASK")
     prompt = "Replace the masked area with a small wooden cabin." if masked else EDIT_PROMPTS.get(images, "")
     return build([
-        Node(1, "QIP_DiffusionModelLoader", ["qwen_image_edit_2511_bf16.safetensors", "auto", "auto (from the file)"],
-             outputs=[("MODEL", "MODEL")]),
-        Node(2, "QIP_TextEncoderLoader", ["qwen_2.5_vl_7b.safetensors", "auto"],
-             outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
-        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+        *loaders("qwen_image_edit_2511_bf16.safetensors"),
         *loads,
         Node(7, "QIP_EditEncode", [prompt, " ", "Qwen-Image-Edit-2509 / 2511 (one or more images)",
                                    "1024x1024 (reference)", "same as the references", 32, "last image"],
              edit_inputs, [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
                            ("sized_images", "IMAGE")], column=1),
-        Node(8, "QIP_TrueCFG", [], {"model": (1, 0, "MODEL")}, [("MODEL", "MODEL")], column=1),
-        Node(9, "QIP_Scheduler", [40, 1.0, "from the latent's resolution", 0.02],
-             {"model": (8, 0, "MODEL"), "latent": (7, 2, "LATENT")}, [("SIGMAS", "SIGMAS")], column=2),
-        Node(10, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
-        Node(11, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
-        Node(12, "CFGGuider", [4.0], {"model": (8, 0, "MODEL"), "positive": (7, 0, "CONDITIONING"),
-                                      "negative": (7, 1, "CONDITIONING")}, [("GUIDER", "GUIDER")], column=2),
-        Node(13, "SamplerCustomAdvanced", [],
-             {"noise": (11, 0, "NOISE"), "guider": (12, 0, "GUIDER"), "sampler": (10, 0, "SAMPLER"),
-              "sigmas": (9, 0, "SIGMAS"), "latent_image": (7, 2, "LATENT")},
-             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
-        Node(14, "VAEDecode", [], {"samples": (13, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
-             column=3),
-        Node(15, "QIP_RestoreSize", [], {"image": (14, 0, "IMAGE"), "original": (20 + images - 1, 0, "IMAGE")},
-             [("IMAGE", "IMAGE")], column=3),
-        Node(16, "SaveImage", ["qwen_image_edit"], {"images": (15, 0, "IMAGE")}, column=3),
+        *sampling(8, (1, 0, "MODEL"), (7, 0, "CONDITIONING"), (7, 1, "CONDITIONING"), (7, 2, "LATENT"), 40,
+                  "qwen_image_edit", restore_to=(20 + images - 1, 0, "IMAGE")),
     ], EDIT_NOTE)
 
 
@@ -215,11 +221,7 @@ def control(kind: str) -> dict:
     folder = "`model_patches/`" if kind == "diffsynth" else "`controlnet/`"
     note = CONTROL_NOTE.format(control_file=f"`{control_file}`", control_folder=folder, hint=hint)
     nodes = [
-        Node(1, "QIP_DiffusionModelLoader", ["qwen_image_bf16.safetensors", "auto", "auto (from the file)"],
-             outputs=[("MODEL", "MODEL")]),
-        Node(2, "QIP_TextEncoderLoader", ["qwen_2.5_vl_7b.safetensors", "auto"],
-             outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
-        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+        *loaders("qwen_image_bf16.safetensors"),
         Node(4, "QIP_TextEncode", ["A cozy reading corner with a green armchair, warm lamp light, film photo.", " "],
              {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
              [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
@@ -252,22 +254,7 @@ def control(kind: str) -> dict:
                  [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
         ]
         positive, negative = (23, 0, "CONDITIONING"), (23, 1, "CONDITIONING")
-    nodes += [
-        Node(6, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=2),
-        Node(7, "QIP_Scheduler", [30, 1.0, "from the latent's resolution", 0.02],
-             {"model": (6, 0, "MODEL"), "latent": (5, 0, "LATENT")}, [("SIGMAS", "SIGMAS")], column=2),
-        Node(8, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
-        Node(9, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
-        Node(10, "CFGGuider", [4.0], {"model": (6, 0, "MODEL"), "positive": positive, "negative": negative},
-             [("GUIDER", "GUIDER")], column=2),
-        Node(11, "SamplerCustomAdvanced", [],
-             {"noise": (9, 0, "NOISE"), "guider": (10, 0, "GUIDER"), "sampler": (8, 0, "SAMPLER"),
-              "sigmas": (7, 0, "SIGMAS"), "latent_image": (5, 0, "LATENT")},
-             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
-        Node(12, "VAEDecode", [], {"samples": (11, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
-             column=3),
-        Node(13, "SaveImage", [f"qwen_image_{kind}"], {"images": (12, 0, "IMAGE")}, column=3),
-    ]
+    nodes += sampling(6, model, positive, negative, (5, 0, "LATENT"), 30, f"qwen_image_{kind}")
     return build(nodes, note)
 
 
