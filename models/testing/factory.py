@@ -585,20 +585,14 @@ def make_controlnet_gguf(out_dir: str | os.PathLike, *, variant: str = "union", 
     """Write ``out_dir/Qwen-Image-InstantX-ControlNet-{Union|Inpainting}-{qtype}.gguf``: the values of
     :func:`make_controlnet` (same seed), diffusers names, arch ``qwen_image`` (what a city96-style converter
     writes for these keys); matrices in ``qtype`` where rows fit (else a fallback type), 1-D tensors F32."""
-    from ..gguf.quantize import fitting_type, quantize
+    from ..gguf.quantize import fitting_type
     from ..gguf.reader import GGMLType
-    from ..gguf.writer import GGUFWriter
+    from .gguf_factory import write_qwen_image_gguf  # it builds on this module
 
     _, weights = _controlnet_weights(variant, seed, config)
-    path = Path(out_dir) / f"{_CONTROLNET_VARIANTS[variant][2]}-{qtype}.gguf"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = GGUFWriter(path, "qwen_image")
-    writer.add("general.name", "Qwen-Image ControlNet (tiny random weights)")
-    writer.add("general.quantization_version", 2)
-    for name, tensor in weights.items():
-        ggml = GGMLType.F32 if tensor.ndim == 1 else fitting_type(GGMLType[qtype], tuple(tensor.shape))
-        writer.add_tensor(name, quantize(tensor, ggml), ggml, tensor.shape)
-    return writer.write()
+    return write_qwen_image_gguf(
+        Path(out_dir) / f"{_CONTROLNET_VARIANTS[variant][2]}-{qtype}.gguf", "Qwen-Image ControlNet (tiny random weights)",
+        weights, lambda _, shape: GGMLType.F32 if len(shape) == 1 else fitting_type(GGMLType[qtype], shape))
 
 
 def _blockwise_spec(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:

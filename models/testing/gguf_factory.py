@@ -18,6 +18,7 @@ block Linears have 256-wide rows, so K formats really apply there.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +60,21 @@ def make_dit_gguf(out_dir: str | os.PathLike, *, qtype: str = "Q8_0", seed: int 
     Qwen-Image rules (:func:`models.gguf.quantize.dit_tensor_type`).
     """
     config = dict(TINY_DIT if config is None else config)
-    spec = _dit_spec(config)
-    weights = _random_weights(spec, seed)
-    path = Path(out_dir) / f"qwen-image-{qtype}.gguf"
+    weights = _random_weights(_dit_spec(config), seed)
+    return write_qwen_image_gguf(Path(out_dir) / f"qwen-image-{qtype}.gguf", "Qwen-Image (tiny random weights)",
+                                 weights, lambda name, shape: _tensor_type(name, shape, qtype, config["num_layers"]))
+
+
+def write_qwen_image_gguf(path: Path, title: str, weights: dict[str, torch.Tensor],
+                          tensor_type: Callable[[str, tuple[int, ...]], GGMLType]) -> Path:
+    """Write ``weights`` (diffusers names) as a GGUF of arch ``qwen_image``, each tensor quantized to
+    ``tensor_type(name, shape)``, the way city96-style converters write Qwen-Image models."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(path, "qwen_image")
-    writer.add("general.name", "Qwen-Image (tiny random weights)")
+    writer.add("general.name", title)
     writer.add("general.quantization_version", 2)
     for name, tensor in weights.items():
-        ggml = _tensor_type(name, tuple(tensor.shape), qtype, config["num_layers"])
+        ggml = tensor_type(name, tuple(tensor.shape))
         writer.add_tensor(name, quantize(tensor, ggml), ggml, tensor.shape)
     return writer.write()
 
