@@ -1,4 +1,4 @@
-"""Benchmarks of the Qwen-Image DiT (models.dit) against diffusers' QwenImageTransformer2DModel.
+"""Benchmarks of the Qwen-Image DiT (models.qwen_image.dit) against diffusers' QwenImageTransformer2DModel.
 
 Modes (run from the repository root with the project venv's python):
 
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-from models.dit import DiTConfig, QwenImageDiT, pack_latent, unpack_latent  # noqa: E402
-from models.testing.configs import FULL_DIT  # noqa: E402
+from models.qwen_image.dit import DiTConfig, QwenImageDiT, pack_latent, unpack_latent  # noqa: E402
+from tiny_models.configs import FULL_DIT  # noqa: E402
 
 
 def full_config(blocks: int) -> DiTConfig:
@@ -199,7 +199,7 @@ import json, resource, sys, torch
 sys.path.insert(0, {repo!r})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from models import load_diffusion_model
-import models.dit_loader
+import models.qwen_image.dit_loader
 after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = load_diffusion_model({path!r}, dtype=torch.bfloat16)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

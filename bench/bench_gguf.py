@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 import gguf  # noqa: E402  (the reference)
 
-from models.gguf import dequantize  # noqa: E402
-from models.gguf.reader import QUANT_BLOCKS, GGMLType  # noqa: E402
+from models.io.gguf import dequantize  # noqa: E402
+from models.io.gguf.reader import QUANT_BLOCKS, GGMLType  # noqa: E402
 
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],
               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
@@ -110,7 +110,7 @@ _OPEN_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, {repo!r})
 import torch, numpy, gguf
-from models.gguf import GGUFReader, open_dit_gguf
+from models.io.gguf import GGUFReader, open_dit_gguf
 from models import load_diffusion_model
 
 def status(field):
@@ -143,7 +143,7 @@ def bench_open() -> None:
     if free < 20 * 2**30:
         print(f"skipped: only {free / 2**30:.1f} GB free in {tmp_root} (need 20 GB for the ~13 GB file)")
         return
-    from models.testing.gguf_factory import make_full_size_dit_gguf
+    from tiny_models.gguf_factory import make_full_size_dit_gguf
 
     folder = Path(tempfile.mkdtemp(prefix="bench_gguf_", dir=tmp_root))
     try:
@@ -152,7 +152,7 @@ def bench_open() -> None:
         size = path.stat().st_size
         print(f"wrote {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s ({path.name})")
         print(f"{'what':44s} {'seconds':>8s} {'RSS before':>11s} {'RSS after':>10s} {'peak':>8s} {'added':>8s}")
-        for mode, label in [("ours", "models.gguf.GGUFReader (header only)"),
+        for mode, label in [("ours", "models.io.gguf.GGUFReader (header only)"),
                             ("gguf-py", "gguf.GGUFReader"),
                             ("model", "load_diffusion_model(.gguf) -> packed model")]:
             script = _OPEN_SCRIPT.format(repo=str(REPO), path=str(path), mode=mode)
@@ -168,9 +168,9 @@ def bench_open() -> None:
 
 def bench_step() -> None:
     from models import load_diffusion_model
-    from models.gguf.layers import enable_dequant_cache, memory_report
-    from models.testing.factory import make_dit
-    from models.testing.gguf_factory import K_QUANT_DIT, make_dit_gguf
+    from models.io.gguf.layers import enable_dequant_cache, memory_report
+    from tiny_models.factory import make_dit
+    from tiny_models.gguf_factory import K_QUANT_DIT, make_dit_gguf
 
     print("\n== 3. tiny DiT step (K_QUANT_DIT: width 256, 2 blocks; 1024 image + 32 text tokens; bf16 compute)")
     folder = Path(tempfile.mkdtemp(prefix="bench_gguf_step_"))

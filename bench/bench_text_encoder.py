@@ -1,4 +1,4 @@
-"""Benchmark: Qwen2.5-VL condition encoding, models.text_encoder vs transformers, same synthetic weights.
+"""Benchmark: Qwen2.5-VL condition encoding, models.encoders.qwen25vl.encoder vs transformers, same synthetic weights.
 
 Full-width layers (LM hidden 3584, 28 heads / 4 KV heads, MLP 18944; vision 1280 wide, 16 heads) with few
 blocks, random weights shared by both implementations (no copy).  Cases: a ~100-token t2i prompt, and an
@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.qwen25vl import TextConfig, VisionConfig  # noqa: E402
-from models.text_encoder import TEMPLATES, build_text_encoder  # noqa: E402
-from models.tokenizer import find_tokenizer  # noqa: E402
-from models.vision_preprocess import MAX_PIXELS, MIN_PIXELS  # noqa: E402
+from models.encoders.qwen25vl.model import TextConfig, VisionConfig  # noqa: E402
+from models.encoders.qwen25vl.encoder import TEMPLATES, build_text_encoder  # noqa: E402
+from models.encoders.tokenizer import find_tokenizer  # noqa: E402
+from models.encoders.vision_preprocess import MAX_PIXELS, MIN_PIXELS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from env import comfyui_path  # noqa: E402

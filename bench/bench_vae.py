@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+    sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tools")]
 
 MB = 1024 * 1024
 
@@ -99,8 +99,8 @@ def main() -> None:
         print(json.dumps(run_case(args.weights, args.diffusers, impl, op, int(size), mode == "tiled")))
         return
 
-    from models.testing.configs import FULL_VAE
-    from models.testing.factory import make_vae
+    from tiny_models.configs import FULL_VAE
+    from tiny_models.factory import make_vae
 
     cases = [("decode", size) for size in args.sizes] + [("encode", max(args.sizes))]
     with tempfile.TemporaryDirectory() as tmp:

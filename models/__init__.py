@@ -13,10 +13,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "load_diffusion_model": ".dit_loader",
-    "load_vae": ".vae",
-    "load_text_encoder": ".text_encoder",
-    "WeightFileError": ".weights",
+    "load_diffusion_model": ".qwen_image.dit_loader",
+    "load_vae": ".qwen_image.vae",
+    "load_text_encoder": ".encoders.qwen25vl.encoder",
+    "WeightFileError": ".io.weights",
 }
 
 __all__ = list(_EXPORTS)

@@ -18,10 +18,10 @@ import comfy.controlnet
 import comfy.model_management as mm
 import comfy.model_patcher
 
-from ..models.blockwise_control import inpaint_control_latent as blockwise_inpaint_latent
-from ..models.blockwise_control import load_blockwise_control
-from ..models.controlnet import inpaint_control_latent, load_controlnet
-from ..models.edit_geometry import resize_images
+from ..models.qwen_image.blockwise_control import inpaint_control_latent as blockwise_inpaint_latent
+from ..models.qwen_image.blockwise_control import load_blockwise_control
+from ..models.qwen_image.controlnet import inpaint_control_latent, load_controlnet
+from ..models.qwen_image.edit_geometry import resize_images
 from .common import CATEGORY, mappings
 from .host_model import BLOCKWISE_PATCHES, QwenImageLatentFormat, as_image_latent
 from .loaders import DTYPE_TOOLTIP, DTYPES, WEIGHT_EXTENSIONS, compute_dtype, host_ops

@@ -13,7 +13,7 @@ import torch
 
 import comfy.model_management as mm
 
-from ..models.edit_geometry import (EDIT_PLUS_VL_AREA, REFERENCE_AREA, latent_size, policy_size, resize_images,
+from ..models.qwen_image.edit_geometry import (EDIT_PLUS_VL_AREA, REFERENCE_AREA, latent_size, policy_size, resize_images,
                                     resize_mask)
 from .common import CATEGORY, mappings
 from .conditioning import DEFAULT_NEGATIVE

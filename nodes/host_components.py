@@ -16,8 +16,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
-from ..models.text_encoder import TextEncoder
-from ..models.vae import QwenImageVAE
+from ..models.encoders.qwen25vl.encoder import TextEncoder
+from ..models.qwen_image.vae import QwenImageVAE
 
 SPATIAL_FACTOR = 8
 

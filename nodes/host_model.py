@@ -27,9 +27,9 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
 
-from ..models.dit import QwenImageDiT
-from ..models.gguf.layers import GGUFOps, QuantizedTensor
-from ..models.schedule import image_tokens, resolution_shift
+from ..models.qwen_image.dit import QwenImageDiT
+from ..models.io.gguf.layers import GGUFOps, QuantizedTensor
+from ..models.common.schedule import image_tokens, resolution_shift
 
 logger = logging.getLogger("qwen_image")
 

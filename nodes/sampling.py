@@ -13,8 +13,8 @@ import torch
 
 import comfy.model_sampling
 
-from ..models.guidance import norm_preserving_cfg
-from ..models.schedule import (TERMINAL_SIGMA, finish_schedule, flow_sigmas, image_tokens, linear_timesteps,
+from ..models.common.guidance import norm_preserving_cfg
+from ..models.common.schedule import (TERMINAL_SIGMA, finish_schedule, flow_sigmas, image_tokens, linear_timesteps,
                                resolution_shift)
 from .common import CATEGORY, mappings
 

@@ -21,7 +21,7 @@ for path in (REPO_ROOT, REPO_ROOT / "tools", REPO_ROOT / "tests"):
 @pytest.fixture(scope="session")
 def host_models_dir(tmp_path_factory) -> Path:
     """A ComfyUI models folder holding the tiny checkpoints the workflows use."""
-    from models.testing.factory import make_all
+    from tiny_models.factory import make_all
     from references import host_tokenizer_dir
 
     root = tmp_path_factory.mktemp("host-models")
@@ -32,7 +32,7 @@ def host_models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def host(host_models_dir):
     from host import ComfyHost
-    from models.testing.images import example_inputs
+    from tiny_models.images import example_inputs
 
     with ComfyHost(host_models_dir) as running:
         running.add_inputs(example_inputs())

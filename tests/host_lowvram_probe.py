@@ -26,7 +26,7 @@ def main() -> None:
     pack = importlib.util.module_from_spec(spec)
     sys.modules["qip"] = pack
     spec.loader.exec_module(pack)
-    from qip.models.dit_loader import load_diffusion_model
+    from qip.models.qwen_image.dit_loader import load_diffusion_model
     from qip.nodes.host_model import HostGGUFOps, HostQwenImageDiT, wrap_diffusion_model
 
     ops = HostGGUFOps if dit_file.endswith(".gguf") else comfy.ops.disable_weight_init

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from env import comfyui_path
-from models.testing.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
-from models.testing.factory import DIT_PREFIX
-from models.vae_keys import wan_to_diffusers
+from tiny_models.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
+from tiny_models.factory import DIT_PREFIX
+from models.qwen_image.vae_keys import wan_to_diffusers
 
 TOKENIZER_SUBDIR = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
 # The Qwen/Qwen-Image scheduler_config.json.

@@ -1,4 +1,4 @@
-"""DiffSynth blockwise ControlNets (models.blockwise_control) against ComfyUI 0.3.75's own implementation: its
+"""DiffSynth blockwise ControlNets (models.qwen_image.blockwise_control) against ComfyUI 0.3.75's own implementation: its
 QwenImageBlockWiseControlNet module and its QwenImageDiffsynthControlnet node's patch inside its DiT (subprocess)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from env import comfyui_path
-from models.blockwise_control import inpaint_control_latent, load_blockwise_control
-from models.dit_loader import load_diffusion_model
-from models.testing.configs import TINY_BLOCKWISE, TINY_DIT
-from models.testing.factory import (_LATENTS_MEAN, _LATENTS_STD, make_blockwise_control, make_controlnet, make_dit)
-from models.weights import WeightFileError
+from models.qwen_image.blockwise_control import inpaint_control_latent, load_blockwise_control
+from models.qwen_image.dit_loader import load_diffusion_model
+from tiny_models.configs import TINY_BLOCKWISE, TINY_DIT
+from tiny_models.factory import (_LATENTS_MEAN, _LATENTS_STD, make_blockwise_control, make_controlnet, make_dit)
+from models.io.weights import WeightFileError
 from references import comfy_tensors
 
 ATOL = 1e-5

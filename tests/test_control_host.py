@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.schedule import flow_sigmas, image_tokens, resolution_shift
-from models.testing.configs import TINY_CONTROLNET
-from models.testing.images import photo_like
+from models.common.schedule import flow_sigmas, image_tokens, resolution_shift
+from tiny_models.configs import TINY_CONTROLNET
+from tiny_models.images import photo_like
 from references import (QWEN_SCHEDULER, host_tokenizer_dir, pack, reference_controlnet, reference_dit,
                         reference_text_encoder, reference_vae)
 from test_t2i_host import normalized_packed, read_latent, save_latent
@@ -144,7 +144,7 @@ def test_chained_controls_add_their_residuals(host, control_image):
 
 
 def test_gguf_controlnet_loads_and_runs(host, host_models_dir, control_image):
-    from models.testing.factory import make_controlnet_gguf
+    from tiny_models.factory import make_controlnet_gguf
 
     gguf = make_controlnet_gguf(host_models_dir / "controlnet", variant="union", qtype="Q8_0", seed=0).name
     quantized = read_latent(host.run(control_graph(control_image, control_net=gguf)))

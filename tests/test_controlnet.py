@@ -1,4 +1,4 @@
-"""The InstantX Qwen-Image ControlNet (models.controlnet) against diffusers' QwenImageControlNetModel, and the
+"""The InstantX Qwen-Image ControlNet (models.qwen_image.controlnet) against diffusers' QwenImageControlNetModel, and the
 guided DiT (our DiT + our residuals) against diffusers' QwenImageTransformer2DModel fed the reference samples."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_controlnet_inpaint import QwenImageControlNetInpaintPipeline
 from safetensors.torch import save_file
 
-from models.controlnet import controlnet_from_tensors, inpaint_control_latent, load_controlnet
-from models.dit import pack_latent
-from models.dit_loader import load_diffusion_model
-from models.gguf import load_gguf_state_dict
-from models.testing.configs import TINY_CONTROLNET, TINY_DIT
-from models.testing.factory import (_LATENTS_MEAN, _LATENTS_STD, make_blockwise_control, make_controlnet,
+from models.qwen_image.controlnet import controlnet_from_tensors, inpaint_control_latent, load_controlnet
+from models.qwen_image.dit import pack_latent
+from models.qwen_image.dit_loader import load_diffusion_model
+from models.io.gguf import load_gguf_state_dict
+from tiny_models.configs import TINY_CONTROLNET, TINY_DIT
+from tiny_models.factory import (_LATENTS_MEAN, _LATENTS_STD, make_blockwise_control, make_controlnet,
                                     make_controlnet_gguf, make_dit, make_vae)
-from models.testing.gguf_factory import make_dit_gguf
-from models.weights import WeightFileError
+from tiny_models.gguf_factory import make_dit_gguf
+from models.io.weights import WeightFileError
 from references import reference_controlnet, reference_dit
 from test_dit import run_reference
 

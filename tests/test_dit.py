@@ -1,4 +1,4 @@
-"""Parity of models.dit (the Qwen-Image DiT) with diffusers' QwenImageTransformer2DModel and ComfyUI 0.3.75."""
+"""Parity of models.qwen_image.dit (the Qwen-Image DiT) with diffusers' QwenImageTransformer2DModel and ComfyUI 0.3.75."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-from models.dit import pack_latent, unpack_latent
-from models.dit_loader import dit_from_tensors
-from models.rope import apply_rope, msrope_positions, rope_angles, rope_table
-from models.testing.configs import TINY_DIT
+from models.qwen_image.dit import pack_latent, unpack_latent
+from models.qwen_image.dit_loader import dit_from_tensors
+from models.qwen_image.rope import apply_rope, msrope_positions, rope_angles, rope_table
+from tiny_models.configs import TINY_DIT
 
 from env import comfyui_path  # noqa: E402
 

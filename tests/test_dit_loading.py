@@ -1,4 +1,4 @@
-"""Loading the Qwen-Image DiT from every published layout (tiny files from models.testing.factory)."""
+"""Loading the Qwen-Image DiT from every published layout (tiny files from tiny_models.factory)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from models import WeightFileError, load_diffusion_model
-from models.dit import pack_latent, unpack_latent
-from models.testing.configs import TINY_DIT
-from models.testing.factory import DIT_PREFIX, make_dit
-from models.weights import FLOAT8_DTYPES
+from models.qwen_image.dit import pack_latent, unpack_latent
+from tiny_models.configs import TINY_DIT
+from tiny_models.factory import DIT_PREFIX, make_dit
+from models.io.weights import FLOAT8_DTYPES
 
 MARKERS = ("__index_timestep_zero__", "scaled_fp8")
 
@@ -217,7 +217,7 @@ def test_diffusers_folder_config_flag(files):
 
 
 def test_broken_gguf_is_a_weight_file_error(tmp_path):
-    """.gguf paths go to the GGUF reader (models.dit_loader._open_gguf); a broken file is a WeightFileError."""
+    """.gguf paths go to the GGUF reader (models.qwen_image.dit_loader._open_gguf); a broken file is a WeightFileError."""
     path = tmp_path / "qwen-image-Q4_K_M.gguf"
     path.write_bytes(b"GGUF")
     with pytest.raises(WeightFileError, match="GGUF"):

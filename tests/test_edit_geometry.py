@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
-from models.edit_geometry import REFERENCE_AREA, latent_size, policy_size, resize_images
-from models.testing.images import photo_like
+from models.qwen_image.edit_geometry import REFERENCE_AREA, latent_size, policy_size, resize_images
+from tiny_models.images import photo_like
 
 SIZES = [(1000, 750), (1328, 800), (777, 1231), (4000, 3000), (512, 2048), (640, 480), (1, 1)]
 

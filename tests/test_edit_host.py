@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.edit_geometry import policy_size
-from models.testing.configs import TINY_DIT
-from models.testing.images import photo_like
+from models.qwen_image.edit_geometry import policy_size
+from tiny_models.configs import TINY_DIT
+from tiny_models.images import photo_like
 from references import (QWEN_SCHEDULER, host_tokenizer_dir, pack, passing_token_types, reference_dit,
                         reference_text_encoder, reference_vae)
 from test_t2i_host import normalized_packed, read_latent, save_latent
@@ -75,7 +75,7 @@ def edit_graph(names: list[str], *, model: str, mode: str, prompt: str, steps: i
 def _reference_parts(models_dir, dit_file: str):
     from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    from models.vision_preprocess import MAX_PIXELS, MIN_PIXELS
+    from models.encoders.vision_preprocess import MAX_PIXELS, MIN_PIXELS
 
     tokenizer = Qwen2Tokenizer.from_pretrained(str(host_tokenizer_dir()))
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),

@@ -18,10 +18,10 @@ from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from safetensors import safe_open
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from models.testing import factory
-from models.weights import open_checkpoint
-from models.testing.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
-from models.vae_keys import diffusers_to_wan, wan_to_diffusers
+from tiny_models import factory
+from models.io.weights import open_checkpoint
+from tiny_models.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
+from models.qwen_image.vae_keys import diffusers_to_wan, wan_to_diffusers
 from references import host_tokenizer_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

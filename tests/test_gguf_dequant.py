@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.gguf import GGMLType, GGUFError, dequantize, load_gguf_state_dict
-from models.gguf import dequant as dequant_module
-from models.gguf.reader import QUANT_BLOCKS
+from models.io.gguf import GGMLType, GGUFError, dequantize, load_gguf_state_dict
+from models.io.gguf import dequant as dequant_module
+from models.io.gguf.reader import QUANT_BLOCKS
 
 # byte offsets of the fp16 scale fields inside one block of each type
 F16_FIELDS = {
@@ -128,9 +128,9 @@ def test_files_written_by_gguf_py(tmp_path: Path):
 
 
 # -- quantizers and the writer ------------------------------------------------------------------------------------
-from models.gguf.quantize import quantize  # noqa: E402
-from models.gguf.reader import GGUFReader, GGUFValueType  # noqa: E402
-from models.gguf.writer import GGUFWriter  # noqa: E402
+from models.io.gguf.quantize import quantize  # noqa: E402
+from models.io.gguf.reader import GGUFReader, GGUFValueType  # noqa: E402
+from models.io.gguf.writer import GGUFWriter  # noqa: E402
 
 
 def awkward_values(shape, seed: int) -> torch.Tensor:
@@ -221,9 +221,9 @@ def test_writer_refuses_bad_input(tmp_path: Path):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F16"])
 def test_dequantize_into_a_reused_buffer_is_identical(qtype):
-    from models.gguf.dequant import dequantize
-    from models.gguf.quantize import quantize
-    from models.gguf.reader import GGMLType
+    from models.io.gguf.dequant import dequantize
+    from models.io.gguf.quantize import quantize
+    from models.io.gguf.reader import GGMLType
 
     weight = torch.randn(8, 512, generator=torch.manual_seed(3))
     raw = quantize(weight, GGMLType[qtype]).reshape(-1)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gguf import QuantizedTensor
-from models.gguf.layers import GGUFOps, enable_dequant_cache, memory_report
-from models.gguf.quantize import quantize
-from models.gguf.reader import GGMLType
+from models.io.gguf import QuantizedTensor
+from models.io.gguf.layers import GGUFOps, enable_dequant_cache, memory_report
+from models.io.gguf.quantize import quantize
+from models.io.gguf.reader import GGMLType
 
 
 def packed(shape, qtype: str = "Q8_0", seed: int = 0) -> QuantizedTensor:

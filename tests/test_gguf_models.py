@@ -12,11 +12,11 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 
 from models import load_diffusion_model, load_text_encoder
-from models.gguf import GGUFError, QuantizedTensor, find_mmproj, load_gguf_state_dict, open_text_encoder_gguf
-from models.gguf.reader import GGMLType
-from models.testing.configs import TINY_DIT
-from models.testing.factory import make_dit, make_text_encoder
-from models.testing.gguf_factory import K_QUANT_DIT, make_dit_gguf, make_text_encoder_gguf
+from models.io.gguf import GGUFError, QuantizedTensor, find_mmproj, load_gguf_state_dict, open_text_encoder_gguf
+from models.io.gguf.reader import GGMLType
+from tiny_models.configs import TINY_DIT
+from tiny_models.factory import make_dit, make_text_encoder
+from tiny_models.gguf_factory import K_QUANT_DIT, make_dit_gguf, make_text_encoder_gguf
 from test_dit_loading import run_reference, sample_inputs
 from test_tokenizer import host_tokenizer_dir
 
@@ -185,7 +185,7 @@ def test_mmproj_prefers_the_matching_name(tmp_path: Path, te_files):
 def test_mmproj_prefers_the_projector_of_the_right_width(tmp_path: Path, te_files):
     text = _copy_pair(te_files, tmp_path / "widths", "mmproj-a-qwen2.5-vl.gguf")
     # a projector for another model (output width 128, not 64), with a name that shares a longer prefix
-    from models.gguf.writer import GGUFWriter
+    from models.io.gguf.writer import GGUFWriter
 
     other = GGUFWriter(tmp_path / "widths" / (te_files["q8"].name[:12] + "-mmproj-other.gguf"), "clip")
     other.add("clip.vision.projection_dim", 128)

@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.gguf import GGUFError, GGUFReader, dequantize
-from models.gguf.dequant import DEQUANTIZABLE_TYPES
+from models.io.gguf import GGUFError, GGUFReader, dequantize
+from models.io.gguf.dequant import DEQUANTIZABLE_TYPES
 
 # -- hand-built GGUF bytes (for malformed files) ----------------------------------------------------------------
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.dit import pack_latent
-from models.guidance import norm_preserving_cfg
+from models.qwen_image.dit import pack_latent
+from models.common.guidance import norm_preserving_cfg
 
 
 def _reference(cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-from models.schedule import flow_sigmas, image_tokens, resolution_shift
+from models.common.schedule import flow_sigmas, image_tokens, resolution_shift
 
 # The scheduler_config.json of Qwen/Qwen-Image.
 QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,

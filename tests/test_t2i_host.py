@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from models.testing.configs import TINY_DIT
-from models.testing.factory import DIT_PREFIX, LORA_TARGETS
+from tiny_models.configs import TINY_DIT
+from tiny_models.factory import DIT_PREFIX, LORA_TARGETS
 from references import (QWEN_SCHEDULER, comfy_tensors, host_tokenizer_dir, pack, reference_dit,
                         reference_text_encoder, reference_vae)
 from workflow import ui_to_api
@@ -159,7 +159,7 @@ def _merged_dit(models_dir: Path, base: str, lora_path: Path, strength: float) -
     """The tiny DiT ``base`` (safetensors or GGUF, dequantized) with the LoRA merged in, saved as an fp32 file."""
     path = models_dir / "diffusion_models" / base
     if path.suffix == ".gguf":
-        from models.gguf import load_gguf_state_dict
+        from models.io.gguf import load_gguf_state_dict
 
         weights = load_gguf_state_dict(path, dequantize=True, dtype=torch.float32)
     else:
@@ -252,7 +252,7 @@ def test_interrupt_returns_the_host_to_idle(host):
 
 @pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
 def test_fp8_files_run_with_the_hosts_fp8_layers(host, host_models_dir, dtype):
-    from models.testing.factory import make_dit
+    from tiny_models.factory import make_dit
 
     name = make_dit(host_models_dir / "diffusion_models", dtype=dtype, seed=0).name
     outputs = {}
@@ -306,7 +306,7 @@ def test_loaders_refuse_a_wrong_file_with_a_clear_message(host, host_models_dir)
 
 
 def test_loader_offers_diffusers_folders_but_not_their_shards(host, host_models_dir):
-    from models.testing.factory import make_dit
+    from tiny_models.factory import make_dit
 
     folder = make_dit(host_models_dir / "diffusion_models", layout="diffusers", dtype="bf16", seed=0)
     name = f"{folder.parent.name}/{folder.name}/"

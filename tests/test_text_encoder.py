@@ -1,4 +1,4 @@
-"""models.text_encoder: parity with transformers' Qwen2_5_VLForConditionalGeneration (3D positions via
+"""models.encoders.qwen25vl.encoder: parity with transformers' Qwen2_5_VLForConditionalGeneration (3D positions via
 mm_token_type_ids) and with the diffusers Qwen-Image pipelines' prompt encoding, on identical tiny weights; loading
 of every checkpoint layout; image preprocessing vs the HF image processor."""
 
@@ -15,11 +15,11 @@ from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from models import WeightFileError, load_text_encoder
-from models.testing.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
-from models.testing.factory import make_dit, make_text_encoder, make_vae
-from models.text_encoder import TEMPLATES, build_text_encoder, canonical_name, detect_configs
-from models.vision_preprocess import MAX_PIXELS, MIN_PIXELS, preprocess_image, smart_resize
-from models.weights import open_checkpoint
+from tiny_models.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
+from tiny_models.factory import make_dit, make_text_encoder, make_vae
+from models.encoders.qwen25vl.encoder import TEMPLATES, build_text_encoder, canonical_name, detect_configs
+from models.encoders.vision_preprocess import MAX_PIXELS, MIN_PIXELS, preprocess_image, smart_resize
+from models.io.weights import open_checkpoint
 from references import host_tokenizer_dir, passing_token_types, reference_text_encoder
 
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""models.tokenizer: token ids identical to transformers' Qwen2Tokenizer on the same files; tokenizer discovery."""
+"""models.encoders.tokenizer: token ids identical to transformers' Qwen2Tokenizer on the same files; tokenizer discovery."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, Qwen2Tokenizer
 
-from models.tokenizer import QwenTokenizer, TokenizerNotFoundError, find_tokenizer
+from models.encoders.tokenizer import QwenTokenizer, TokenizerNotFoundError, find_tokenizer
 from references import host_tokenizer_dir
 
 CORPUS = [

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from models import WeightFileError, load_vae
-from models.testing.factory import make_vae
-from models.vae import DECODE_MIN_OVERLAP, ENCODE_MIN_OVERLAP
-from models.vae_tiling import plan_axis, plan_tiles, run_tiled
+from tiny_models.factory import make_vae
+from models.qwen_image.vae import DECODE_MIN_OVERLAP, ENCODE_MIN_OVERLAP
+from models.common.tiling import plan_axis, plan_tiles, run_tiled
 
 
 @pytest.fixture(scope="module")

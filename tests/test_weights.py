@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.weights import assign_weights
+from models.io.weights import assign_weights
 
 
 class ScaledLinear(nn.Linear):

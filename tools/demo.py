@@ -25,7 +25,7 @@ env.reexec_in_env(Path(__file__))
 
 sys.path.insert(0, str(env.REPO_ROOT))
 from host import ComfyHost  # noqa: E402
-from models.testing.images import example_inputs  # noqa: E402
+from tiny_models.images import example_inputs  # noqa: E402
 from workflow import ui_to_api  # noqa: E402
 
 DEFAULT_WORKFLOW = env.REPO_ROOT / "workflows" / "qwen_image_t2i.json"
@@ -40,7 +40,7 @@ def _parse_value(text: str):
 
 def _tiny_models(seed: int) -> Path:
     """The built-in tiny checkpoints, generated once into the cache (deterministic from the seed)."""
-    from models.testing.factory import make_all
+    from tiny_models.factory import make_all
 
     folder = env.cache_dir() / f"tiny-models-seed{seed}"
     if not (folder / ".complete").is_file():

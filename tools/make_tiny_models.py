@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from models.testing.factory import make_all  # noqa: E402  (needs the repository root on sys.path)
+from tiny_models.factory import make_all  # noqa: E402  (needs the repository root on sys.path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Usage: python tools/quantize_gguf.py INPUT [OUTPUT.gguf] [--preset Q4_K_M] [--de
 
 INPUT: a Comfy-Org single file (optionally prefixed ``model.diffusion_model.``, bf16 / fp16 / fp32 / fp8, scaled
 fp8 multiplied out), a diffusers ``transformer`` folder, or a pipeline folder holding one.  OUTPUT defaults to
-``qwen-image-<PRESET>.gguf`` next to INPUT.  Rules (:func:`models.gguf.quantize.dit_tensor_type`): img_in,
+``qwen-image-<PRESET>.gguf`` next to INPUT.  Rules (:func:`models.io.gguf.quantize.dit_tensor_type`): img_in,
 txt_in, time_text_embed, norm_out, proj_out in BF16, 1-D tensors in F32, blocks 0 and last, V projections
 and FFN-down one level higher; rows that do not fit a K format fall back to a legacy one.  Tensors are read,
 quantized and written one at a time (memory stays near one tensor); the file appears atomically when done.
@@ -25,10 +25,10 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from models.gguf.quantize import DIT_PRESETS, dit_tensor_type, quantize  # noqa: E402  (repository root needed)
-from models.gguf.reader import GGMLType  # noqa: E402
-from models.gguf.writer import GGUFWriter  # noqa: E402
-from models.weights import WeightFileError, open_checkpoint  # noqa: E402
+from models.io.gguf.quantize import DIT_PRESETS, dit_tensor_type, quantize  # noqa: E402  (repository root needed)
+from models.io.gguf.reader import GGMLType  # noqa: E402
+from models.io.gguf.writer import GGUFWriter  # noqa: E402
+from models.io.weights import WeightFileError, open_checkpoint  # noqa: E402
 
 PREFIX = "model.diffusion_model."
 ZERO_COND_MARKER = "__index_timestep_zero__"

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from .dit import DiTConfig, QwenImageDiT
-from .ops import CastOps
-from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_dtype, tensor_shape
+from ..common.ops import CastOps
+from ..io.weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_dtype, tensor_shape
 
 __all__ = ["load_diffusion_model", "detect_dit_config", "dit_from_tensors"]
 
@@ -154,7 +154,7 @@ def dit_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, devic
 def _open_gguf(path: Path):
     """GGUF plug point: return ``(tensors, ops)`` - a lazy mapping like ``SafetensorsCheckpoint`` (``shape(name)``
     giving the logical torch-order shape) and the operations namespace that computes with its tensors."""
-    from .gguf import open_dit_gguf
+    from ..io.gguf import open_dit_gguf
 
     return open_dit_gguf(path)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .weights import WeightFileError
+from ..io.weights import WeightFileError
 
 __all__ = ["QwenTokenizer", "TokenizerNotFoundError", "find_tokenizer", "QWEN2_SPLIT_PATTERN"]
 

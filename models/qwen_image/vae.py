@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import CastOps
+from ..common.ops import CastOps
 from .vae_keys import diffusers_to_wan
-from .vae_tiling import available_memory, plan_tiles, run_tiled
-from .weights import WeightFileError, assign_weights, open_checkpoint
+from ..common.tiling import available_memory, plan_tiles, run_tiled
+from ..io.weights import WeightFileError, assign_weights, open_checkpoint
 
 __all__ = ["QwenImageVAE", "load_vae", "LATENTS_MEAN", "LATENTS_STD"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from .weights import WeightFileError
+from ..io.weights import WeightFileError
 
 __all__ = ["wan_to_diffusers", "diffusers_to_wan"]
 

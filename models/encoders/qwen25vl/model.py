@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import CastOps
+from ...common.ops import CastOps
 
 __all__ = [
     "TextConfig", "VisionConfig", "Qwen25VLModel", "LanguageModel", "VisionTower",

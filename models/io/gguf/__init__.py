@@ -200,7 +200,7 @@ def tokenizer_from_gguf(metadata: Mapping):
     merges = metadata.get("tokenizer.ggml.merges")
     if tokens is None or merges is None:
         return None
-    from ..tokenizer import QwenTokenizer
+    from ...encoders.tokenizer import QwenTokenizer
 
     types = np.asarray(metadata.get("tokenizer.ggml.token_type", []))
     special = set(np.flatnonzero(types == 3).tolist())

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..gguf.names import to_llama_text, to_mmproj
-from ..gguf.quantize import DIT_PRESETS, dit_tensor_type, fitting_type, quantize
-from ..gguf.reader import QUANT_BLOCKS, GGMLType, quantized_nbytes
-from ..gguf.writer import GGUFWriter
+from models.io.gguf.names import to_llama_text, to_mmproj
+from models.io.gguf.quantize import DIT_PRESETS, dit_tensor_type, fitting_type, quantize
+from models.io.gguf.reader import QUANT_BLOCKS, GGMLType, quantized_nbytes
+from models.io.gguf.writer import GGUFWriter
 from .configs import FULL_DIT, TINY_DIT, TINY_TEXT, TINY_VISION
 from .factory import _dit_spec, _random_weights, _text_encoder_spec
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from .dit import DiTConfig, DoubleStreamTrunk, joint_attention_mask, pack_latent
 from .dit_loader import _Prefixed
-from .ops import CastOps
-from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
+from ..common.ops import CastOps
+from ..io.weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["ControlNetConfig", "QwenImageControlNet", "load_controlnet", "controlnet_from_tensors",
            "detect_controlnet_config", "inpaint_control_latent"]
@@ -221,7 +221,7 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """
     path = Path(path)
     if path.suffix.lower() == ".gguf":
-        from .gguf import open_dit_gguf
+        from ..io.gguf import open_dit_gguf
 
         tensors, gguf_ops = open_dit_gguf(path)
         return controlnet_from_tensors(tensors, dtype=dtype, device=device, ops=ops or gguf_ops, source=str(path))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import CastOps, cast_bias, cast_weight
+from ...common.ops import CastOps, cast_bias, cast_weight
 from .dequant import dequantize
 from .reader import GGMLType, quantized_nbytes
 

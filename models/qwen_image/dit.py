@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import CastOps
+from ..common.ops import CastOps
 from .rope import MSRoPE, apply_rope, split_rope
 
 __all__ = ["DiTConfig", "DoubleStreamTrunk", "QwenImageDiT", "pack_latent", "unpack_latent", "joint_attention_mask",

@@ -27,8 +27,8 @@ from torch import nn
 
 from .dit import BlockPatch, pack_latent
 from .dit_loader import _Prefixed
-from .ops import CastOps
-from .weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
+from ..common.ops import CastOps
+from ..io.weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["BlockwiseControlConfig", "BlockwiseControl", "load_blockwise_control", "blockwise_from_tensors",
            "inpaint_control_latent"]

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-from .ops import CastOps
-from .qwen25vl import Qwen25VLModel, TextConfig, VisionConfig, mrope_positions
-from .tokenizer import QwenTokenizer, find_tokenizer
-from .vision_preprocess import preprocess_image
-from .weights import WeightFileError, assign_weights, open_checkpoint, tensor_shape
+from ...common.ops import CastOps
+from .model import Qwen25VLModel, TextConfig, VisionConfig, mrope_positions
+from ..tokenizer import QwenTokenizer, find_tokenizer
+from ..vision_preprocess import preprocess_image
+from ...io.weights import WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["PromptTemplate", "TEMPLATES", "TextEncoder", "load_text_encoder", "build_text_encoder",
            "detect_configs", "canonical_name"]
@@ -331,7 +331,7 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | Qw
     """
     source = str(path)
     if Path(path).suffix.lower() == ".gguf":  # llama.cpp text GGUF + mmproj, already under Comfy names
-        from .gguf import GGUFOps, open_text_encoder_gguf
+        from ...io.gguf import GGUFOps, open_text_encoder_gguf
 
         checkpoint, gguf_tokenizer = open_text_encoder_gguf(path)
         text, vision = detect_configs(list(checkpoint), checkpoint.shape, checkpoint.config, source)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..vae_keys import diffusers_to_wan
+from models.qwen_image.vae_keys import diffusers_to_wan
 from .configs import (TINY_BLOCKWISE, TINY_CONTROLNET, TINY_CONTROLNET_INPAINT, TINY_DIT, TINY_TEXT, TINY_VAE,
                       TINY_VISION)
 
@@ -585,8 +585,8 @@ def make_controlnet_gguf(out_dir: str | os.PathLike, *, variant: str = "union", 
     """Write ``out_dir/Qwen-Image-InstantX-ControlNet-{Union|Inpainting}-{qtype}.gguf``: the values of
     :func:`make_controlnet` (same seed), diffusers names, arch ``qwen_image`` (what a city96-style converter
     writes for these keys); matrices in ``qtype`` where rows fit (else a fallback type), 1-D tensors F32."""
-    from ..gguf.quantize import fitting_type
-    from ..gguf.reader import GGMLType
+    from models.io.gguf.quantize import fitting_type
+    from models.io.gguf.reader import GGMLType
     from .gguf_factory import write_qwen_image_gguf  # it builds on this module
 
     _, weights = _controlnet_weights(variant, seed, config)
