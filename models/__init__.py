@@ -1,11 +1,18 @@
-"""Qwen-Image in pure PyTorch: the DiT, the VAE, the Qwen2.5-VL condition encoder, GGUF reading.
+"""The Qwen-Image family in pure PyTorch: DiTs, VAEs, condition encoders, ControlNets, GGUF reading.
 
 This package never imports ComfyUI; layers are built from an injectable operations namespace
-(:mod:`models.ops`) so a host can supply its own casting / offloading / quantized layers.
+(:mod:`models.common.ops`) so a host can supply its own casting / offloading / quantized layers, and every
+attention call goes through :func:`models.common.attention.attention` so a host can supply its own kernel.
 
-Public entry points (imported lazily, so ``import models`` is cheap)::
+Layout: ``io/`` (checkpoints: safetensors, GGUF), ``common/`` (ops, attention, latent specs, schedules,
+guidance, tiling, image sizing), ``encoders/`` (tokenizer, vision preprocessing, Qwen2.5-VL), one folder per
+model family (``qwen_image/``), and :mod:`models.registry`, which identifies any file.
 
-    from models import load_diffusion_model, load_vae, load_text_encoder
+The public API (imported lazily, so ``import models`` is cheap)::
+
+    from models import identify, load_diffusion_model, load_vae, load_text_encoder
+    identify("qwen_image_vae.safetensors")   # FileIdentity(family='qwen_image', role='vae', layout='wan', ...)
+    dit = load_diffusion_model(path, dtype=torch.bfloat16)
 """
 
 from __future__ import annotations
@@ -13,10 +20,43 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    # identifying and loading files
+    "identify": ".registry",
+    "FileIdentity": ".registry",
+    "WeightFileError": ".io.weights",
+    "FLOAT8_DTYPES": ".io.weights",
+    "open_checkpoint": ".io.weights",
     "load_diffusion_model": ".qwen_image.dit_loader",
     "load_vae": ".qwen_image.vae",
     "load_text_encoder": ".encoders.qwen25vl.encoder",
-    "WeightFileError": ".io.weights",
+    "load_controlnet": ".qwen_image.controlnet",
+    "load_blockwise_control": ".qwen_image.blockwise_control",
+    # model classes
+    "QwenImageDiT": ".qwen_image.dit",
+    "DiTConfig": ".qwen_image.dit",
+    "QwenImageVAE": ".qwen_image.vae",
+    "TextEncoder": ".encoders.qwen25vl.encoder",
+    "QwenImageControlNet": ".qwen_image.controlnet",
+    "BlockwiseControl": ".qwen_image.blockwise_control",
+    "GGUFOps": ".io.gguf.layers",
+    "QuantizedTensor": ".io.gguf.layers",
+    "GGUFError": ".io.gguf.reader",
+    # latents, sampling and images
+    "LatentSpec": ".common.latent_spec",
+    "QWEN_IMAGE_LATENT": ".qwen_image.latent",
+    "flow_sigmas": ".common.schedule",
+    "finish_schedule": ".common.schedule",
+    "linear_timesteps": ".common.schedule",
+    "resolution_shift": ".common.schedule",
+    "TERMINAL_SIGMA": ".common.schedule",
+    "norm_preserving_cfg": ".common.guidance",
+    "resize_images": ".common.image_sizing",
+    "resize_mask": ".common.image_sizing",
+    "policy_size": ".qwen_image.edit_geometry",
+    "REFERENCE_AREA": ".qwen_image.edit_geometry",
+    "EDIT_PLUS_VL_AREA": ".qwen_image.edit_geometry",
+    "controlnet_inpaint_latent": ".qwen_image.controlnet",
+    "blockwise_inpaint_latent": ".qwen_image.blockwise_control",
 }
 
 __all__ = list(_EXPORTS)
@@ -26,3 +66,4 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -18,10 +18,8 @@ import comfy.controlnet
 import comfy.model_management as mm
 import comfy.model_patcher
 
-from ..models.qwen_image.blockwise_control import inpaint_control_latent as blockwise_inpaint_latent
-from ..models.qwen_image.blockwise_control import load_blockwise_control
-from ..models.qwen_image.controlnet import inpaint_control_latent, load_controlnet
-from ..models.qwen_image.edit_geometry import resize_images
+from ..models import (blockwise_inpaint_latent, controlnet_inpaint_latent, load_blockwise_control, load_controlnet,
+                      resize_images)
 from .common import CATEGORY, mappings
 from .host_model import BLOCKWISE_PATCHES, QwenImageLatentFormat, as_image_latent
 from .loaders import DTYPE_TOOLTIP, DTYPES, WEIGHT_EXTENSIONS, compute_dtype, host_ops
@@ -83,7 +81,7 @@ class QwenImageControl(comfy.controlnet.ControlBase):
             if inpaint and self.inpaint_mask is None:
                 raise ValueError("This is the Inpainting ControlNet: give the apply node a mask (1 = repaint).")
             encoded = _encode_control(self.vae, image, latent, self.inpaint_mask if inpaint else None)
-            self._control_latent = inpaint_control_latent(encoded, self.inpaint_mask) if inpaint else encoded
+            self._control_latent = controlnet_inpaint_latent(encoded, self.inpaint_mask) if inpaint else encoded
         return self._control_latent
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):

@@ -13,8 +13,7 @@ import torch
 
 import comfy.model_management as mm
 
-from ..models.qwen_image.edit_geometry import (EDIT_PLUS_VL_AREA, REFERENCE_AREA, latent_size, policy_size, resize_images,
-                                    resize_mask)
+from ..models import QWEN_IMAGE_LATENT, EDIT_PLUS_VL_AREA, REFERENCE_AREA, policy_size, resize_images, resize_mask
 from .common import CATEGORY, mappings
 from .conditioning import DEFAULT_NEGATIVE
 from .loaders import TEXT_ENCODER_TYPE
@@ -50,7 +49,7 @@ def _target_latent(reference: torch.Tensor, vae=None, mask: torch.Tensor | None 
     Without a mask: zeros.  With a mask: the reference's own latent plus a noise mask, so the host's samplers
     blend the outside back in at every step and only the masked area is edited.
     """
-    width, height = latent_size(reference.shape[2], reference.shape[1])
+    width, height = QWEN_IMAGE_LATENT.latent_size(reference.shape[2], reference.shape[1])
     if mask is None:
         return {"samples": torch.zeros([1, 16, 1, height, width], device=mm.intermediate_device())}
     if vae is None:

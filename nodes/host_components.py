@@ -16,8 +16,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
-from ..models.encoders.qwen25vl.encoder import TextEncoder
-from ..models.qwen_image.vae import QwenImageVAE
+from ..models import TextEncoder, QwenImageVAE
 
 SPATIAL_FACTOR = 8
 

@@ -27,9 +27,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
 
-from ..models.qwen_image.dit import QwenImageDiT
-from ..models.io.gguf.layers import GGUFOps, QuantizedTensor
-from ..models.common.schedule import image_tokens, resolution_shift
+from ..models import QWEN_IMAGE_LATENT, GGUFOps, QuantizedTensor, QwenImageDiT, resolution_shift
 
 logger = logging.getLogger("qwen_image")
 
@@ -38,7 +36,7 @@ BLOCKWISE_PATCHES = "qip_blockwise"
 
 # The model's default sampling: the reference's exponential shift for the 1328x1328 preset (166x166 latent).
 # Resolution-exact schedules come from the Qwen-Image Scheduler / Sampling Shift nodes.
-DEFAULT_SHIFT = resolution_shift(image_tokens(166, 166))
+DEFAULT_SHIFT = resolution_shift(QWEN_IMAGE_LATENT.image_tokens(166, 166))
 
 
 class QwenImageLatentFormat(comfy.latent_formats.Wan21):

@@ -15,10 +15,7 @@ import torch
 import comfy.model_management as mm
 import comfy.ops
 
-from ..models.qwen_image.dit_loader import load_diffusion_model
-from ..models.encoders.qwen25vl.encoder import load_text_encoder
-from ..models.qwen_image.vae import load_vae
-from ..models.io.weights import FLOAT8_DTYPES, open_checkpoint
+from ..models import FLOAT8_DTYPES, load_diffusion_model, load_text_encoder, load_vae, open_checkpoint
 from .common import CATEGORY, mappings
 from .host_components import HostTextEncoder, HostVAE
 from .host_model import HostGGUFOps, HostQwenImageDiT, wrap_diffusion_model

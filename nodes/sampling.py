@@ -13,9 +13,8 @@ import torch
 
 import comfy.model_sampling
 
-from ..models.common.guidance import norm_preserving_cfg
-from ..models.common.schedule import (TERMINAL_SIGMA, finish_schedule, flow_sigmas, image_tokens, linear_timesteps,
-                               resolution_shift)
+from ..models import (QWEN_IMAGE_LATENT, TERMINAL_SIGMA, finish_schedule, flow_sigmas, linear_timesteps,
+                      norm_preserving_cfg, resolution_shift)
 from .common import CATEGORY, mappings
 
 SHIFT_FROM_RESOLUTION = "from the latent's resolution"
@@ -67,7 +66,7 @@ class Scheduler:
             sigmas = _model_sigmas(model, total, terminal_sigma or None)
         else:
             samples = latent["samples"]
-            mu = resolution_shift(image_tokens(samples.shape[-2], samples.shape[-1]))
+            mu = resolution_shift(QWEN_IMAGE_LATENT.image_tokens(samples.shape[-2], samples.shape[-1]))
             sigmas = flow_sigmas(total, mu, terminal_sigma or None)
         return (sigmas[-(steps + 1):],)
 
@@ -96,7 +95,7 @@ class SamplingShift:
         }}
 
     def patch(self, model, width: int, height: int, shift: float):
-        mu = shift if shift > 0 else resolution_shift(image_tokens(height // 8, width // 8))
+        mu = shift if shift > 0 else resolution_shift(QWEN_IMAGE_LATENT.image_tokens(height // 8, width // 8))
         sampling = comfy.model_sampling.ModelSamplingFlux()
         sampling.set_parameters(shift=mu)
         patched = model.clone()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from env import comfyui_path
-from models.qwen_image.blockwise_control import inpaint_control_latent, load_blockwise_control
+from models.qwen_image.blockwise_control import blockwise_inpaint_latent, load_blockwise_control
 from models.qwen_image.dit_loader import load_diffusion_model
 from tiny_models.configs import TINY_BLOCKWISE, TINY_DIT
 from tiny_models.factory import (_LATENTS_MEAN, _LATENTS_STD, make_blockwise_control, make_controlnet, make_dit)
@@ -97,7 +97,7 @@ def test_guided_dit_matches_comfy(setup, variant, index):
     control = load_blockwise_control(entry["path"])
     latent = normalize(case["raw"])
     if variant == "inpaint":
-        latent = inpaint_control_latent(latent, case["mask"])
+        latent = blockwise_inpaint_latent(latent, case["mask"])
     dit = setup["dit"]
     patch = control.patch(control.encode(latent), case["strength"])
     got = dit(case["x"], case["timestep"], case["context"], block_patches=[patch])
@@ -117,8 +117,8 @@ def test_strength_zero_gives_the_uncontrolled_output(setup):
 
 def test_inpaint_without_mask_keeps_everything():
     latent = torch.randn(2, 16, 6, 8)
-    assert torch.equal(inpaint_control_latent(latent)[:, 16], torch.ones(2, 6, 8))
-    full = inpaint_control_latent(latent, torch.ones(1, 48, 64))
+    assert torch.equal(blockwise_inpaint_latent(latent)[:, 16], torch.ones(2, 6, 8))
+    full = blockwise_inpaint_latent(latent, torch.ones(1, 48, 64))
     assert full.shape == (2, 17, 6, 8) and full[:, 16].eq(0).all()
 
 

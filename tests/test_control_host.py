@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.common.schedule import flow_sigmas, image_tokens, resolution_shift
+from models.common.schedule import flow_sigmas, resolution_shift
+from models.qwen_image.latent import QWEN_IMAGE_LATENT
 from tiny_models.configs import TINY_CONTROLNET
 from tiny_models.images import photo_like
 from references import (QWEN_SCHEDULER, host_tokenizer_dir, pack, reference_controlnet, reference_dit,
@@ -125,9 +126,9 @@ def test_end_percent_switches_the_control_off_at_the_right_sigma(host, control_i
     steps, end = 6, 0.4
     # The host maps a percent to a sigma through the model's sampling (Flux-style shift, our default mu); the
     # control is active on the steps whose sigma is at least that.
-    mu = resolution_shift(image_tokens(166, 166))
+    mu = resolution_shift(QWEN_IMAGE_LATENT.image_tokens(166, 166))
     threshold = np.exp(mu) / (np.exp(mu) + 1 / (1 - end) - 1)
-    sigmas = flow_sigmas(steps, resolution_shift(image_tokens(HEIGHT // 8, WIDTH // 8)))[:-1]
+    sigmas = flow_sigmas(steps, resolution_shift(QWEN_IMAGE_LATENT.image_tokens(HEIGHT // 8, WIDTH // 8)))[:-1]
     active = int((sigmas >= threshold).sum())
     assert 0 < active < steps, "pick an end percent that splits this schedule"
     ended = read_latent(host.run(control_graph(control_image, end=end, steps=steps)))

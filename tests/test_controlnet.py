@@ -10,7 +10,7 @@ import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_controlnet_inpaint import QwenImageControlNetInpaintPipeline
 from safetensors.torch import save_file
 
-from models.qwen_image.controlnet import controlnet_from_tensors, inpaint_control_latent, load_controlnet
+from models.qwen_image.controlnet import controlnet_from_tensors, controlnet_inpaint_latent, load_controlnet
 from models.qwen_image.dit import pack_latent
 from models.qwen_image.dit_loader import load_diffusion_model
 from models.io.gguf import load_gguf_state_dict
@@ -101,12 +101,12 @@ def test_inpaint_variant_matches_diffusers(inpaint):
     assert ours.config.extra_channels == 4 and ours.config.control_channels == 17
     x, t, ctx, hint = inputs(2, 8, 10, channels=16)
     mask = (torch.rand(2, 1, 64, 80, generator=torch.Generator().manual_seed(3)) > 0.6).float()
-    control = inpaint_control_latent(hint, mask)
+    control = controlnet_inpaint_latent(hint, mask)
     assert_samples_close(ours(x, t, ctx, control, conditioning_scale=0.8),
                          run_reference_controlnet(reference, x, t, ctx, control, scale=0.8))
 
 
-def test_inpaint_control_latent_matches_diffusers_pipeline():
+def test_controlnet_inpaint_latent_matches_diffusers_pipeline():
     """The 68 packed channels equal those of QwenImageControlNetInpaintPipeline.prepare_image_with_mask (its VAE
     replaced by one returning a known raw latent)."""
     g = torch.Generator().manual_seed(4)
@@ -127,7 +127,7 @@ def test_inpaint_control_latent_matches_diffusers_pipeline():
         pipe, image=torch.rand(2, 3, 48, 80, generator=g) * 2 - 1, mask=pixel_mask, width=80, height=48,
         batch_size=2, num_images_per_prompt=1, device=torch.device("cpu"), dtype=torch.float32)
     mean, std = torch.tensor(_LATENTS_MEAN).view(1, 16, 1, 1), torch.tensor(_LATENTS_STD).view(1, 16, 1, 1)
-    ours = pack_latent(inpaint_control_latent((raw[:, :, 0] - mean) / std, pixel_mask))
+    ours = pack_latent(controlnet_inpaint_latent((raw[:, :, 0] - mean) / std, pixel_mask))
     assert ours.shape == expected.shape == (2, 15, 68)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
 

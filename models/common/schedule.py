@@ -16,11 +16,6 @@ BASE_SHIFT, MAX_SHIFT = 0.5, 0.9
 TERMINAL_SIGMA = 0.02
 
 
-def image_tokens(latent_height: int, latent_width: int, patch: int = 2) -> int:
-    """Number of DiT image tokens for a latent of this size (2x2 patches; odd sides are padded up)."""
-    return math.ceil(latent_height / patch) * math.ceil(latent_width / patch)
-
-
 def resolution_shift(tokens: int) -> float:
     """``mu`` for a target of ``tokens`` image tokens (linear from 0.5 at 256 tokens to 0.9 at 8192)."""
     slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_TOKENS - BASE_TOKENS)

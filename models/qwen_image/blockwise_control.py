@@ -31,7 +31,7 @@ from ..common.ops import CastOps
 from ..io.weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["BlockwiseControlConfig", "BlockwiseControl", "load_blockwise_control", "blockwise_from_tensors",
-           "inpaint_control_latent"]
+           "blockwise_inpaint_latent"]
 
 logger = logging.getLogger("qwen_image")
 
@@ -98,7 +98,7 @@ class BlockwiseControl(nn.Module):
     @torch.no_grad()
     def encode(self, control_latent: torch.Tensor) -> torch.Tensor:
         """Control tokens ``[B, N, width]`` from the normalized control latent ``[B, 16, H, W]`` (``[B, 17, H, W]``
-        for the Inpaint variant, see :func:`inpaint_control_latent`), ``H`` and ``W`` even (the target's size)."""
+        for the Inpaint variant, see :func:`blockwise_inpaint_latent`), ``H`` and ``W`` even (the target's size)."""
         channels = self.config.control_channels
         if control_latent.ndim != 4 or control_latent.shape[1] != channels:
             raise ValueError(f"expected a control latent [B, {channels}, H, W], got {tuple(control_latent.shape)}")
@@ -128,7 +128,7 @@ class BlockwiseControl(nn.Module):
         return apply
 
 
-def inpaint_control_latent(latent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def blockwise_inpaint_latent(latent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The 17-channel control latent of the Inpaint variant, as ComfyUI's ``QwenImageDiffsynthControlnet`` builds it.
 
     ``latent``: normalized VAE latent ``[B, 16, h, w]`` of the control image; ``mask``: ``[B or 1, H, W]`` or

@@ -31,7 +31,7 @@ from ..common.ops import CastOps
 from ..io.weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
 
 __all__ = ["ControlNetConfig", "QwenImageControlNet", "load_controlnet", "controlnet_from_tensors",
-           "detect_controlnet_config", "inpaint_control_latent"]
+           "detect_controlnet_config", "controlnet_inpaint_latent"]
 
 logger = logging.getLogger("qwen_image")
 
@@ -104,7 +104,7 @@ class QwenImageControlNet(DoubleStreamTrunk):
         ``x``: the normalized target latent ``[B, 16, H, W]`` (even sizes); ``timestep``: sigma in [0, 1];
         ``context [B, L, joint_dim]`` with optional ``context_mask [B, L]``; ``control_latent``: the normalized
         VAE latent of the control image ``[B or 1, 16, H, W]``, or for the Inpainting variant
-        ``[B or 1, 17, H, W]`` from :func:`inpaint_control_latent`.
+        ``[B or 1, 17, H, W]`` from :func:`controlnet_inpaint_latent`.
         """
         batch, _, height, width = x.shape
         p = self.config.patch_size
@@ -128,7 +128,7 @@ class QwenImageControlNet(DoubleStreamTrunk):
         return samples
 
 
-def inpaint_control_latent(latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def controlnet_inpaint_latent(latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The 17-channel control input of the Inpainting ControlNet, built as diffusers'
     ``QwenImageControlNetInpaintPipeline`` does.
 
