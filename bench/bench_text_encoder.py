@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.encoders.qwen25vl.model import TextConfig, VisionConfig  # noqa: E402
-from models.encoders.qwen25vl.encoder import TEMPLATES, build_text_encoder  # noqa: E402
+from models.encoders.qwen25vl.encoder import build_text_encoder  # noqa: E402
+from models.qwen_image.templates import QWEN_IMAGE_TEMPLATES as TEMPLATES  # noqa: E402
 from models.encoders.tokenizer import find_tokenizer  # noqa: E402
 from models.encoders.vision_preprocess import MAX_PIXELS, MIN_PIXELS  # noqa: E402
 
@@ -73,7 +74,7 @@ def main() -> None:
                    num_heads=28, num_kv_heads=4, head_dim=128),
         VisionConfig(hidden_size=1280, intermediate_size=3420, depth=args.vision_depth, num_heads=16,
                      out_hidden_size=3584, fullatt_block_indexes=tuple(full_att)),
-        tokenizer)
+        tokenizer, TEMPLATES)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
         tokenizer=Qwen2Tokenizer.from_pretrained(tokenizer.source), video_processor=Qwen2VLVideoProcessor())

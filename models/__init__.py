@@ -28,7 +28,7 @@ _EXPORTS = {
     "open_checkpoint": ".io.weights",
     "load_diffusion_model": ".qwen_image.dit_loader",
     "load_vae": ".qwen_image.vae",
-    "load_text_encoder": ".encoders.qwen25vl.encoder",
+    "load_text_encoder": ".qwen_image.text_encoder",
     "load_controlnet": ".qwen_image.controlnet",
     "load_blockwise_control": ".qwen_image.blockwise_control",
     # model classes
@@ -44,6 +44,7 @@ _EXPORTS = {
     # latents, sampling and images
     "LatentSpec": ".common.latent_spec",
     "QWEN_IMAGE_LATENT": ".qwen_image.latent",
+    "QWEN_IMAGE_TEMPLATES": ".qwen_image.templates",
     "flow_sigmas": ".common.schedule",
     "finish_schedule": ".common.schedule",
     "linear_timesteps": ".common.schedule",

@@ -17,7 +17,8 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize 
 from models import WeightFileError, load_text_encoder
 from tiny_models.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
 from tiny_models.factory import make_dit, make_text_encoder, make_vae
-from models.encoders.qwen25vl.encoder import TEMPLATES, build_text_encoder, canonical_name, detect_configs
+from models.encoders.qwen25vl.encoder import build_text_encoder, canonical_name, detect_configs
+from models.qwen_image.templates import QWEN_IMAGE_TEMPLATES as TEMPLATES
 from models.encoders.vision_preprocess import MAX_PIXELS, MIN_PIXELS, preprocess_image, smart_resize
 from models.io.weights import open_checkpoint
 from references import host_tokenizer_dir, passing_token_types, reference_text_encoder
@@ -275,7 +276,7 @@ def test_lm_head_is_never_read(files, encoder):
     names = {canonical_name(k): k for k in checkpoint if canonical_name(k)}
     text, vision = detect_configs(names, lambda n: checkpoint.shape(names[n]))
     recording = _Recording(checkpoint)
-    built = build_text_encoder(recording, text, vision, encoder.tokenizer)
+    built = build_text_encoder(recording, text, vision, encoder.tokenizer, TEMPLATES)
     assert "lm_head.weight" not in recording.read and len(recording.read) == len(checkpoint) - 1
     assert not any("lm_head" in name for name, _ in built.model.named_parameters())
     expected = sum(t.numel() for k, t in load_file(str(files["fp32"])).items() if not k.startswith("lm_head"))

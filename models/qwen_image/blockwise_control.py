@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import BlockPatch, pack_latent
-from .dit_loader import _Prefixed
 from ..common.ops import CastOps
-from ..io.weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
+from ..io.loading import materialize, open_weights
+from ..io.weights import WeightFileError, tensor_shape
+from ..registry import expect
+from .dit import BlockPatch
+from .latent import QWEN_IMAGE_LATENT
 
 __all__ = ["BlockwiseControlConfig", "BlockwiseControl", "load_blockwise_control", "blockwise_from_tensors",
            "blockwise_inpaint_latent"]
@@ -36,20 +38,10 @@ __all__ = ["BlockwiseControlConfig", "BlockwiseControl", "load_blockwise_control
 logger = logging.getLogger("qwen_image")
 
 _EPS = 1e-6
-LATENT_CHANNELS = 16
-_PATCH = 2
-_REQUIRED = ("img_in.weight", "controlnet_blocks.0.x_rms.weight", "controlnet_blocks.0.y_rms.weight",
-             "controlnet_blocks.0.input_proj.weight", "controlnet_blocks.0.output_proj.weight")
-
-_OTHER_MODELS = (
-    ("controlnet_x_embedder.", "an InstantX Qwen-Image ControlNet", "load it with the ControlNet loader "
-                                                                    "(models/controlnet)"),
-    ("feature_embedder.", "a USO style projector model patch", "use it with a Flux USO workflow"),
-    ("proj_out.weight", "a diffusion model (DiT)", "load it with the diffusion model loader"),
-    ("double_blocks.", "a Flux model or ControlNet", "use a Qwen-Image DiffSynth blockwise ControlNet"),
-    ("model.layers.", "a text encoder (LLM)", "load it with the text encoder loader"),
-    ("decoder.", "a VAE", "load it with the VAE loader"),
-)
+REQUIRED = ("img_in.weight", "controlnet_blocks.0.x_rms.weight", "controlnet_blocks.0.y_rms.weight",
+            "controlnet_blocks.0.input_proj.weight", "controlnet_blocks.0.output_proj.weight")
+EXPECTED = "a DiffSynth Qwen-Image blockwise ControlNet (model patch)"
+_PATCH = QWEN_IMAGE_LATENT.patch_size
 
 
 @dataclass(frozen=True)
@@ -104,7 +96,7 @@ class BlockwiseControl(nn.Module):
             raise ValueError(f"expected a control latent [B, {channels}, H, W], got {tuple(control_latent.shape)}")
         if control_latent.shape[2] % _PATCH or control_latent.shape[3] % _PATCH:
             raise ValueError(f"control latent sizes must be multiples of {_PATCH}, got {tuple(control_latent.shape)}")
-        return self.img_in(pack_latent(control_latent.to(self.compute_dtype), _PATCH))
+        return self.img_in(QWEN_IMAGE_LATENT.pack(control_latent.to(self.compute_dtype)))
 
     @torch.no_grad()
     def block_residual(self, block_index: int, img_tokens: torch.Tensor, control_tokens: torch.Tensor) -> torch.Tensor:
@@ -151,19 +143,8 @@ def blockwise_inpaint_latent(latent: torch.Tensor, mask: torch.Tensor | None = N
 
 def detect_blockwise_config(tensors: Mapping, source: str = "checkpoint") -> BlockwiseControlConfig:
     """The :class:`BlockwiseControlConfig` of a DiffSynth blockwise ControlNet mapping, from tensor shapes."""
-    keys = list(tensors)
-    if not all(k in keys for k in _REQUIRED):
-        sample = ", ".join(keys[:3]) if keys else "no tensors"
-        for fragment, what, todo in _OTHER_MODELS:
-            if any(fragment in k for k in keys):
-                raise WeightFileError(
-                    f"{source}: this looks like {what} ({len(keys)} tensors, e.g. {sample}), not a DiffSynth "
-                    f"Qwen-Image blockwise ControlNet (expected {', '.join(_REQUIRED)}). "
-                    f"{todo[0].upper()}{todo[1:]}.")
-        raise WeightFileError(f"{source}: not a DiffSynth Qwen-Image blockwise ControlNet: found {len(keys)} "
-                              f"tensors (e.g. {sample}); expected the keys {', '.join(_REQUIRED)}.")
     width, in_features = tensor_shape(tensors, "img_in.weight")
-    base = _PATCH * _PATCH * LATENT_CHANNELS
+    base = _PATCH * _PATCH * QWEN_IMAGE_LATENT.channels
     extra = in_features - base
     if extra < 0 or extra % (_PATCH * _PATCH) or tensor_shape(tensors, "controlnet_blocks.0.x_rms.weight") != (width,):
         raise WeightFileError(f"{source}: inconsistent blockwise ControlNet shapes (img_in {in_features} -> "
@@ -178,15 +159,12 @@ def blockwise_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32,
                            device: torch.device | str = "cpu", ops=None,
                            source: str = "checkpoint") -> BlockwiseControl:
     """Build a :class:`BlockwiseControl` from a ``name -> tensor`` mapping (DiffSynth / Comfy-Org names)."""
+    expect(tensors, "qwen_image", "model_patch", EXPECTED, REQUIRED, source_name=source)
     config = detect_blockwise_config(tensors, source)
-    target = torch.device(device)
-    view = _Prefixed(tensors, "", frozenset(), None if target.type == "cpu" else target)
     logger.info("Qwen-Image blockwise ControlNet: %d blocks, width %d%s", config.depth, config.width,
                 ", inpaint" if config.extra_channels else "")
     model = BlockwiseControl(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
-    assign_weights(model, view, dtype=dtype, keep_dtypes=FLOAT8_DTYPES,
-                   what=f"{source} (Qwen-Image blockwise ControlNet)")
-    return model.eval()
+    return materialize(model, tensors, dtype=dtype, device=device, what=f"{source} (Qwen-Image blockwise ControlNet)")
 
 
 def load_blockwise_control(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -195,7 +173,7 @@ def load_blockwise_control(path: str | os.PathLike, dtype: torch.dtype = torch.f
     ControlNet-*, or Comfy-Org's ``qwen_image_*_diffsynth_controlnet.safetensors`` from ``models/model_patches``).
 
     ``dtype``: compute dtype (and storage dtype of float weights).  Raises :class:`WeightFileError` for any other
-    file (an InstantX ControlNet, a DiT, ...).
+    file (an InstantX ControlNet, a DiT, ...), naming what it is.
     """
-    checkpoint = open_checkpoint(path)
-    return blockwise_from_tensors(checkpoint, dtype=dtype, device=device, ops=ops, source=str(path))
+    weights = open_weights(path)
+    return blockwise_from_tensors(weights.tensors, dtype=dtype, device=device, ops=ops, source=str(path))

@@ -19,41 +19,27 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import DiTConfig, DoubleStreamTrunk, joint_attention_mask, pack_latent
-from .dit_loader import _Prefixed
 from ..common.ops import CastOps
-from ..io.weights import FLOAT8_DTYPES, WeightFileError, assign_weights, open_checkpoint, tensor_shape
+from ..io.loading import TensorView, materialize
+from ..io.weights import WeightFileError, tensor_shape
+from ..registry import expect
+from .dit import DiTConfig, DoubleStreamTrunk, joint_attention_mask, pack_latent
+from .dit_loader import open_dit_weights, trunk_shape
+from .latent import QWEN_IMAGE_LATENT
 
 __all__ = ["ControlNetConfig", "QwenImageControlNet", "load_controlnet", "controlnet_from_tensors",
            "detect_controlnet_config", "controlnet_inpaint_latent"]
 
 logger = logging.getLogger("qwen_image")
 
-LATENT_CHANNELS = 16
-_REQUIRED = ("img_in.weight", "txt_in.weight", "controlnet_x_embedder.weight", "controlnet_blocks.0.weight",
-             "transformer_blocks.0.attn.norm_q.weight")
-
-# (key fragment, what the file is, what to do) for files that are not an InstantX Qwen-Image ControlNet.
-_OTHER_MODELS = (
-    ("controlnet_blocks.0.y_rms.weight", "a DiffSynth blockwise ControlNet (a model patch)",
-     "put it in models/model_patches and load it with a model patch / blockwise control loader"),
-    ("controlnet_single_blocks.", "a Flux ControlNet", "use a Qwen-Image ControlNet (InstantX Union or Inpainting)"),
-    ("single_transformer_blocks.", "a Flux ControlNet", "use a Qwen-Image ControlNet (InstantX Union or Inpainting)"),
-    ("double_blocks.", "a Flux model or ControlNet", "use a Qwen-Image ControlNet (InstantX Union or Inpainting)"),
-    ("pos_embed_input.", "a Stable Diffusion 3 ControlNet", "use a Qwen-Image ControlNet"),
-    ("zero_convs.", "a Stable Diffusion 1.x / SDXL ControlNet", "use a Qwen-Image ControlNet"),
-    ("input_hint_block.", "a Stable Diffusion 1.x / SDXL ControlNet", "use a Qwen-Image ControlNet"),
-    ("proj_out.weight", "a Qwen-Image diffusion model (DiT)", "load it with the diffusion model loader"),
-    ("model.diffusion_model.", "a diffusion model checkpoint", "load it with the diffusion model loader"),
-    ("model.layers.", "a text encoder (LLM)", "load it with the text encoder loader"),
-    ("decoder.", "a VAE", "load it with the VAE loader"),
-)
+REQUIRED = ("img_in.weight", "txt_in.weight", "controlnet_x_embedder.weight", "controlnet_blocks.0.weight",
+            "transformer_blocks.0.attn.norm_q.weight")
+EXPECTED = "an InstantX Qwen-Image ControlNet (Union or Inpainting)"
 
 
 @dataclass(frozen=True)
@@ -111,7 +97,7 @@ class QwenImageControlNet(DoubleStreamTrunk):
         if height % p or width % p:
             raise ValueError(f"latent height and width must be multiples of {p}, got {height}x{width}")
         device, dtype = x.device, self.compute_dtype
-        img = self._packed(x, LATENT_CHANNELS, batch, (height, width), "a latent")
+        img = self._packed(x, QWEN_IMAGE_LATENT.channels, batch, (height, width), "a latent")
         hint = self._packed(control_latent.to(device), self.config.control_channels, batch, (height, width),
                             "a control latent")
         img = self.img_in(img) + self.controlnet_x_embedder(hint)
@@ -147,50 +133,23 @@ def controlnet_inpaint_latent(latent: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.cat([latent, keep], dim=1)
 
 
-def _check_keys(keys: list[str], source: str) -> None:
-    if all(k in keys for k in _REQUIRED):
-        return
-    sample = ", ".join(keys[:3]) if keys else "no tensors"
-    for fragment, what, todo in _OTHER_MODELS:
-        if any(fragment in k for k in keys):
-            raise WeightFileError(
-                f"{source}: this looks like {what} ({len(keys)} tensors, e.g. {sample}), not an InstantX "
-                f"Qwen-Image ControlNet (expected {', '.join(_REQUIRED)}). {todo[0].upper()}{todo[1:]}.")
-    raise WeightFileError(f"{source}: not an InstantX Qwen-Image ControlNet: found {len(keys)} tensors (e.g. "
-                          f"{sample}); expected the keys {', '.join(_REQUIRED)}.")
-
-
 def detect_controlnet_config(tensors: Mapping, config_json: dict | None = None,
                              source: str = "checkpoint") -> ControlNetConfig:
-    """The :class:`ControlNetConfig` of an InstantX ControlNet mapping, from tensor shapes (no data read).
-
-    RoPE axes follow ``(head_dim // 8, rest / 2, rest / 2)`` unless ``config_json`` names them.
-    """
-    keys = list(tensors)
-    _check_keys(keys, source)
-    width, in_channels = tensor_shape(tensors, "img_in.weight")
-    joint_dim = tensor_shape(tensors, "txt_in.weight")[1]
-    head_dim = tensor_shape(tensors, "transformer_blocks.0.attn.norm_q.weight")[0]
+    """The :class:`ControlNetConfig` of a prefix-free InstantX ControlNet mapping, from tensor shapes."""
+    shape = trunk_shape(tensors, config_json, source)
     embed_width, control_in = tensor_shape(tensors, "controlnet_x_embedder.weight")
-    extra = control_in - in_channels
-    if width % head_dim or in_channels % 4 or extra < 0 or extra % 4 or embed_width != width:
-        raise WeightFileError(f"{source}: inconsistent Qwen-Image ControlNet shapes (width {width}, head_dim "
-                              f"{head_dim}, in {in_channels}, control in {control_in}).")
+    extra = control_in - shape["in_channels"]
+    if extra < 0 or extra % 4 or embed_width != shape["heads"] * shape["head_dim"]:
+        raise WeightFileError(f"{source}: inconsistent Qwen-Image ControlNet shapes (control in {control_in}, "
+                              f"embedder width {embed_width}).")
     depth = 0
     while f"transformer_blocks.{depth}.attn.norm_q.weight" in tensors:
         depth += 1
-    heads = sum(1 for k in keys if k.startswith("controlnet_blocks.") and k.endswith(".weight"))
+    heads = sum(1 for k in tensors if k.startswith("controlnet_blocks.") and k.endswith(".weight"))
     if heads != depth:
         raise WeightFileError(f"{source}: {depth} transformer_blocks but {heads} controlnet_blocks; the file is "
                               "incomplete or not an InstantX Qwen-Image ControlNet.")
-    rest = head_dim - head_dim // 8
-    axes = (head_dim // 8, rest // 2, rest - rest // 2)
-    if config_json:
-        axes = tuple(config_json.get("axes_dims_rope", axes))
-    if sum(axes) != head_dim:
-        raise WeightFileError(f"{source}: RoPE axes {axes} do not add up to the head dimension {head_dim}.")
-    return ControlNetConfig(depth=depth, heads=width // head_dim, head_dim=head_dim, in_channels=in_channels,
-                            joint_dim=joint_dim, axes_dim=axes, extra_channels=extra)
+    return ControlNetConfig(depth=depth, extra_channels=extra, **shape)
 
 
 def controlnet_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32,
@@ -200,14 +159,13 @@ def controlnet_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32
 
     ``dtype`` is the compute dtype and the storage dtype of non-fp8 weights.
     """
+    identity = expect(tensors, "qwen_image", "controlnet", EXPECTED, REQUIRED, source_name=source)
+    tensors = TensorView(tensors, identity.prefix)
     config = detect_controlnet_config(tensors, config_json, source)
-    target = torch.device(device)
-    view = _Prefixed(tensors, "", frozenset(), None if target.type == "cpu" else target)
     logger.info("Qwen-Image ControlNet: %d blocks, width %d%s", config.depth, config.width,
                 ", inpainting" if config.extra_channels else "")
     model = QwenImageControlNet(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
-    assign_weights(model, view, dtype=dtype, keep_dtypes=FLOAT8_DTYPES, what=f"{source} (Qwen-Image ControlNet)")
-    return model.eval()
+    return materialize(model, tensors, dtype=dtype, device=device, what=f"{source} (Qwen-Image ControlNet)")
 
 
 def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -216,15 +174,9 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a ``.gguf`` file.
 
     ``dtype``: compute dtype (and storage dtype of float weights).  ``ops``: operations namespace (default
-    :class:`models.ops.CastOps`; GGUF files default to :class:`models.gguf.GGUFOps`).  Raises
+    :class:`models.common.ops.CastOps`; GGUF files default to their quantized layers).  Raises
     :class:`WeightFileError` for any other file (a Flux / SD ControlNet, a DiT, a DiffSynth model patch ...).
     """
-    path = Path(path)
-    if path.suffix.lower() == ".gguf":
-        from ..io.gguf import open_dit_gguf
-
-        tensors, gguf_ops = open_dit_gguf(path)
-        return controlnet_from_tensors(tensors, dtype=dtype, device=device, ops=ops or gguf_ops, source=str(path))
-    checkpoint = open_checkpoint(path)
-    return controlnet_from_tensors(checkpoint, dtype=dtype, device=device, ops=ops, config_json=checkpoint.config,
-                                   source=str(path))
+    weights = open_dit_weights(path, "controlnet")
+    return controlnet_from_tensors(weights.tensors, dtype=dtype, device=device, ops=ops or weights.ops,
+                                   config_json=weights.config, source=str(path))

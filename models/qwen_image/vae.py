@@ -26,7 +26,7 @@ results equal untiled ones up to float rounding (no seams).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,19 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.ops import CastOps
-from .vae_keys import diffusers_to_wan
 from ..common.tiling import available_memory, plan_tiles, run_tiled
-from ..io.weights import WeightFileError, assign_weights, open_checkpoint
+from ..io.loading import materialize, open_weights
+from ..io.weights import WeightFileError
+from ..registry import identify
+from .latent import QWEN_IMAGE_LATENT
+from .vae_keys import diffusers_to_wan
 
-__all__ = ["QwenImageVAE", "load_vae", "LATENTS_MEAN", "LATENTS_STD"]
+__all__ = ["QwenImageVAE", "load_vae"]
 
-# Per-channel statistics of the raw latents (diffusers config latents_mean / latents_std).
-LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-
-SPATIAL_FACTOR = 8
+SPATIAL_FACTOR = QWEN_IMAGE_LATENT.spatial_factor
 EXPECTED_FILE = "qwen_image_vae.safetensors in models/vae"
 
 # Context each tile needs beyond its core so that tiling is exact: the receptive field of the local (tiled) part.
@@ -329,21 +326,13 @@ class QwenImageVAE(nn.Module):
         return int(available_memory(device) * _MEMORY_SAFETY)
 
     # -- latent normalisation ----------------------------------------------------------------------------------
-    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.z_dim) + (1,) * (z.ndim - 2)
-        mean = torch.tensor(LATENTS_MEAN, device=z.device, dtype=z.dtype).reshape(shape)
-        std = torch.tensor(LATENTS_STD, device=z.device, dtype=z.dtype).reshape(shape)
-        return mean, std
-
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents -> the diffusion model's latent space: ``(z - mean) / std`` per channel (dim 1)."""
-        mean, std = self._stats(z)
-        return (z - mean) / std
+        return QWEN_IMAGE_LATENT.normalize(z)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize`: ``z * std + mean``."""
-        mean, std = self._stats(z)
-        return z * std + mean
+        return QWEN_IMAGE_LATENT.denormalize(z)
 
     # -- memory estimates --------------------------------------------------------------------------------------
     def _element_size(self) -> int:
@@ -512,41 +501,6 @@ def _release_cached_memory(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-_PREFIXES = ("", "vae.", "first_stage_model.")
-
-
-def _refuse(source, found: str) -> WeightFileError:
-    return WeightFileError(
-        f"{source}: {found}. This loader needs the Qwen-Image VAE (Wan 2.1 architecture, 16 latent channels, "
-        f"3D convolutions): {EXPECTED_FILE}, or a diffusers 'vae' folder of Qwen-Image. Pick that file instead.")
-
-
-def _identify(shapes: Mapping[str, tuple[int, ...]], source) -> tuple[str, str]:
-    """(layout, prefix) of a Qwen-Image VAE checkpoint, layout ``"wan"`` or ``"diffusers"``; refuses others."""
-    for prefix in _PREFIXES:
-        for layout, first, last in (("wan", "encoder.conv1.weight", "conv2.weight"),
-                                    ("diffusers", "encoder.conv_in.weight", "post_quant_conv.weight")):
-            conv_in = shapes.get(prefix + first)
-            if conv_in is None:
-                continue
-            if len(conv_in) == 4:
-                latent = shapes.get(prefix + "quant_conv.weight", shapes.get(prefix + "encoder.conv_out.weight"))
-                channels = latent[0] // 2 if latent else "unknown"
-                kind = {4: "an SD 1.x / SDXL-style VAE", 16: "a Flux / SD3-style VAE"}.get(channels, "a 2D image VAE")
-                raise _refuse(source, f"found {kind} ({channels} latent channels, 2D convolutions)")
-            post = shapes.get(prefix + last)
-            z_dim = post[0] if post else None
-            if z_dim == 48:
-                raise _refuse(source, "found the Wan 2.2 VAE (48 latent channels)")
-            if z_dim != 16 or len(conv_in) != 5 or conv_in[1] != 3:
-                raise _refuse(source, f"found a video VAE with {z_dim} latent channels and input conv {conv_in}")
-            return layout, prefix
-    if any(name.startswith(("encoder.down.", "decoder.up.")) for name in shapes):
-        raise _refuse(source, "found an SD-style 2D VAE (original LDM names)")
-    examples = ", ".join(list(shapes)[:3])
-    raise _refuse(source, f"found no VAE tensors (names like {examples})")
-
-
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: str | torch.device = "cpu",
              ops=None) -> QwenImageVAE:
     """Load the Qwen-Image VAE from a ComfyUI single file (original Wan names), a diffusers ``vae`` folder
@@ -554,23 +508,26 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: st
     diffusers-named file.
 
     Weights are stored and computed in ``dtype`` (bf16 / fp16 / fp32 files accepted).  ``ops`` is the layer
-    namespace (default :class:`models.ops.CastOps`).  Other VAEs (SD / SDXL / Flux, Wan 2.2) are refused with a
-    :class:`~models.weights.WeightFileError`.
+    namespace (default :class:`models.common.ops.CastOps`).  Other VAEs (SD / SDXL / Flux, Wan 2.2, the RGBA and
+    2.1 VAEs) and non-VAE files are refused with a :class:`~models.io.weights.WeightFileError` naming them.
     """
-    path = Path(path)
-    if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
-        path = path / "vae"  # a whole diffusers pipeline folder
-    checkpoint = open_checkpoint(path)
-    shapes = {name: tuple(checkpoint.shape(name)) for name in checkpoint}
-    layout, prefix = _identify(shapes, checkpoint.source)
+    weights = open_weights(path, "vae")
+    identity = identify(weights.tensors)
+    if not (identity.family == "qwen_image" and identity.role == "vae" and identity.supported):
+        found = identity.description if identity.role == "vae" else f"no VAE tensors ({identity.description})"
+        raise WeightFileError(
+            f"{weights.source}: found {found}. This loader needs the Qwen-Image VAE (Wan 2.1 architecture, "
+            f"{QWEN_IMAGE_LATENT.channels} latent channels, 3D convolutions): {EXPECTED_FILE}, or a diffusers "
+            "'vae' folder of Qwen-Image. Pick that file instead.")
+    prefix = identity.prefix
 
     def rename(name: str) -> str | None:
         if not name.startswith(prefix):
             return name  # reported as unexpected by assign_weights
         name = name[len(prefix):]
-        return diffusers_to_wan(name) if layout == "diffusers" else name
+        return diffusers_to_wan(name) if identity.layout == "diffusers" else name
 
-    wan_shapes = {rename(name): shape for name, shape in shapes.items()}
+    wan_shapes = {rename(name): weights.tensors.shape(name) for name in weights.tensors}
     config = {
         "base_dim": wan_shapes["encoder.conv1.weight"][0],
         "z_dim": wan_shapes["conv2.weight"][0],
@@ -578,7 +535,6 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: st
     }
     with torch.device("meta"):
         model = QwenImageVAE(**config, ops=ops, dtype=dtype)
-    assign_weights(model, checkpoint, dtype=dtype, rename=rename,
-                   what=f"{checkpoint.source} (loaded as the Qwen-Image VAE, expected {EXPECTED_FILE})")
-    model.eval()
+    materialize(model, weights.tensors, dtype=dtype, rename=rename,
+                what=f"{weights.source} (loaded as the Qwen-Image VAE, expected {EXPECTED_FILE})")
     return model.to(device)

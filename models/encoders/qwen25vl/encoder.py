@@ -1,13 +1,13 @@
-"""The Qwen-Image condition encoder: prompt templates, loading, and :class:`TextEncoder.encode`.
+"""The Qwen2.5-VL condition encoder: loading, and :class:`TextEncoder.encode` with a family's prompt templates.
 
 ::
 
-    te = load_text_encoder(path, tokenizer=None, dtype=torch.float32, device="cpu", ops=None)
+    te = load_qwen25vl(path, templates, tokenizer=None, dtype=torch.float32, device="cpu", ops=None)
     emb, mask = te.encode(prompt, images=None, template="t2i")   # emb [1, L, hidden], mask [1, L] (int64 ones)
 
-Templates follow the diffusers pipelines exactly (template strings, image placeholders, dropped prefix, the t2i
-truncation to 1024 + 34 tokens).  The embeddings keep everything after the dropped system prefix, including the
-trailing ``<|im_end|>\\n<|im_start|>assistant\\n``.  Image tokens get Qwen2.5-VL's 3D (M-RoPE) positions.
+A family folder binds the encoder to its templates (:func:`models.qwen_image.text_encoder.load_text_encoder`).
+The embeddings keep everything after the template's dropped prefix.  Image tokens get Qwen2.5-VL's 3D (M-RoPE)
+positions.
 
 Checkpoints: a Comfy single file (bf16 / fp32 / "scaled" fp8 with ``scale_weight``; fp8 stays fp8), an HF
 folder (legacy ``model.layers.N`` / ``visual.*`` / ``lm_head`` names, possibly sharded) or transformers-5 names
@@ -33,65 +33,34 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ...common.ops import CastOps
-from .model import Qwen25VLModel, TextConfig, VisionConfig, mrope_positions
+from ...io.loading import materialize, open_weights
+from ...io.weights import WeightFileError
+from ...registry import expect
+from ..templates import IMAGE_PAD, PromptTemplate
 from ..tokenizer import QwenTokenizer, find_tokenizer
 from ..vision_preprocess import preprocess_image
-from ...io.weights import WeightFileError, assign_weights, open_checkpoint, tensor_shape
+from .model import Qwen25VLModel, TextConfig, VisionConfig, mrope_positions
 
-__all__ = ["PromptTemplate", "TEMPLATES", "TextEncoder", "load_text_encoder", "build_text_encoder",
-           "detect_configs", "canonical_name"]
+__all__ = ["TextEncoder", "load_qwen25vl", "build_text_encoder", "detect_configs", "canonical_name"]
 
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """A chat template with ``{}`` for the user text; ``drop`` leading tokens are cut from the embeddings."""
-
-    text: str
-    drop: int
-    images: str  # "none", "one" (placeholder inside ``text``) or "numbered" ("Picture i: <placeholder>" each)
-    max_tokens: int | None = None  # the t2i pipeline truncates the tokenized prompt
-
-    def format(self, prompt: str, image_count: int) -> str:
-        if self.images == "numbered":
-            prompt = "".join(f"Picture {i + 1}: {IMAGE_PLACEHOLDER}" for i in range(image_count)) + prompt
-        return self.text.format(prompt)
-
-
-_T2I_SYSTEM = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-               "relationships of the objects and background:")
-_EDIT_SYSTEM = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
-                "then explain how the user's text instruction should alter or modify the image. Generate a new image "
-                "that meets the user's requirements while maintaining consistency with the original input where "
-                "appropriate.")
-_CHAT = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-
-TEMPLATES: dict[str, PromptTemplate] = {
-    # QwenImagePipeline: tokenizer(max_length=1024 + 34, truncation=True)
-    "t2i": PromptTemplate(_CHAT.format(system=_T2I_SYSTEM, user="{}"), drop=34, images="none", max_tokens=1024 + 34),
-    # QwenImageEditPipeline: one image, its placeholder before the user text
-    "edit": PromptTemplate(_CHAT.format(system=_EDIT_SYSTEM, user=IMAGE_PLACEHOLDER + "{}"), drop=64, images="one"),
-    # QwenImageEditPlusPipeline (Edit-2509 / 2511): "Picture i: <placeholder>" per image, then the user text
-    "edit_plus": PromptTemplate(_CHAT.format(system=_EDIT_SYSTEM, user="{}"), drop=64, images="numbered"),
-}
-
+REQUIRED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+            "visual.blocks.0.attn.qkv.weight")
+EXPECTED = "a Qwen2.5-VL text encoder"
 
 class TextEncoder:
     """A loaded Qwen2.5-VL condition encoder with its tokenizer; see :meth:`encode`."""
 
-    def __init__(self, model: Qwen25VLModel, tokenizer: QwenTokenizer, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", source: str = "<memory>"):
+    def __init__(self, model: Qwen25VLModel, tokenizer: QwenTokenizer, templates: Mapping[str, PromptTemplate],
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", source: str = "<memory>"):
         self.model = model
         self.tokenizer = tokenizer
+        self.templates = dict(templates)
         self.dtype = dtype
         self.device = torch.device(device)
         self.source = source
@@ -114,23 +83,29 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompt: str, images: Sequence[torch.Tensor] | torch.Tensor | None = None,
-               template: str = "t2i") -> tuple[torch.Tensor, torch.Tensor]:
+               template: str | PromptTemplate = "t2i") -> tuple[torch.Tensor, torch.Tensor]:
         """Condition embeddings for ``prompt`` and optional reference images.
 
         ``images``: ``[H, W, 3]`` float tensors in 0..1 at the size the vision tower should see (sides that are
-        not multiples of 28 are resized, see :mod:`models.vision_preprocess`).  ``template``: ``"t2i"`` (no
-        images), ``"edit"`` (exactly one image) or ``"edit_plus"`` (any number, "Picture i:" each).
+        not multiples of 28 are resized, see :mod:`models.encoders.vision_preprocess`).  ``template``: a
+        :class:`PromptTemplate` or the name of one of the family's :attr:`templates` (Qwen-Image: ``"t2i"`` takes
+        no images, ``"edit"`` exactly one, ``"edit_plus"`` any number, "Picture i:" each).
         Returns ``(emb [1, L, hidden] in the encoder dtype, mask [1, L] int64 ones)``.
         """
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
-        spec = TEMPLATES[template]
+        if isinstance(template, PromptTemplate):
+            spec = template
+        elif template in self.templates:
+            spec = self.templates[template]
+        else:
+            raise ValueError(f"unknown template {template!r}; use one of {', '.join(self.templates)}")
         images = self._image_list(images)
+        by_images = {kind: [n for n, t in self.templates.items() if t.images == kind] for kind in ("one", "numbered")}
         if spec.images == "none" and images:
-            raise ValueError(f"template {template!r} takes no images (got {len(images)}); use 'edit' or 'edit_plus'.")
+            raise ValueError(f"template {template!r} takes no images (got {len(images)}); use one of "
+                             f"{', '.join(by_images['one'] + by_images['numbered'])}.")
         if spec.images == "one" and len(images) != 1:
             raise ValueError(f"template {template!r} takes exactly one image (got {len(images)}); "
-                             "use 'edit_plus' for several.")
+                             f"use {' or '.join(by_images['numbered']) or 'a numbered template'} for several.")
         if images and not self.has_vision:
             raise WeightFileError(
                 f"{self.source}: this text encoder has no vision tower (no visual.* tensors; a plain Qwen2.5 "
@@ -181,27 +156,6 @@ def canonical_name(key: str) -> str | None:
     return key
 
 
-def _describe_foreign(names: Iterable[str]) -> str | None:
-    """What a non-Qwen2.5 file looks like, from its tensor names (for the error message)."""
-    names = list(names)
-    has = lambda fragment: any(fragment in n for n in names)  # noqa: E731
-    if has("transformer_blocks.") and has("img_mod"):
-        return "a Qwen-Image diffusion model (DiT)"
-    if has("transformer_blocks.") or has("double_blocks.") or has("joint_blocks."):
-        return "a diffusion model (DiT)"
-    if has("encoder.downsamples.") or has("decoder.upsamples.") or has("encoder.down_blocks.") or has("decoder.conv_in"):
-        return "a VAE"
-    if has("text_model.encoder.layers."):
-        return "a CLIP text encoder"
-    if has("encoder.block.") and has("SelfAttention"):
-        return "a T5 text encoder"
-    if has("self_attn.q_norm."):
-        return "a Qwen3-style language model (q/k norms), not Qwen2.5"
-    if has("visual.blocks.") and not has("model.layers."):
-        return "a vision tower only (no language model)"
-    return None
-
-
 def _block_count(names: Iterable[str], prefix: str, source: str) -> int:
     indices = {int(n[len(prefix):].split(".", 1)[0]) for n in names if n.startswith(prefix)}
     if indices != set(range(len(indices))):
@@ -227,12 +181,9 @@ def detect_configs(names: Iterable[str], shape_of: Callable[[str], Sequence[int]
     names = set(names)
     required = ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
                 "model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.gate_proj.weight")
-    if not all(n in names for n in required):
-        found = _describe_foreign(names) or f"{len(names)} tensors such as {', '.join(sorted(names)[:4])}"
-        raise WeightFileError(
-            f"{source}: this is {found}, not a Qwen2.5-VL text encoder. Expected tensors such as "
-            "model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight/bias and visual.blocks.0.attn.qkv.weight "
-            "(ComfyUI's qwen_2.5_vl_7b*.safetensors or an HF Qwen2.5-VL folder). Choose the text encoder file.")
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise WeightFileError(f"{source}: not {EXPECTED}: missing {', '.join(missing)}.")
     text_json, vision_json = _json_sections(config)
     vocab, hidden = shape_of("model.embed_tokens.weight")
     q_rows = shape_of("model.layers.0.self_attn.q_proj.weight")[0]
@@ -283,73 +234,57 @@ def detect_configs(names: Iterable[str], shape_of: Callable[[str], Sequence[int]
     return text, vision
 
 
-class _OnDevice(Mapping):
-    """A lazy checkpoint view whose tensors are moved to ``device`` as they are read (one at a time)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], device: torch.device):
-        self._tensors, self._device = tensors, device
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._tensors[key].to(self._device)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tensor_shape(self._tensors, key)
-
-
 def build_text_encoder(tensors: Mapping[str, torch.Tensor], text: TextConfig, vision: VisionConfig | None,
-                       tokenizer: QwenTokenizer, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu", ops=None,
+                       tokenizer: QwenTokenizer, templates: Mapping[str, PromptTemplate],
+                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", ops=None,
                        rename: Callable[[str], str | None] | None = canonical_name,
                        source: str = "<memory>") -> TextEncoder:
     """Build the encoder on the meta device and fill it from ``tensors`` (any lazy mapping).
 
     ``rename`` maps the mapping's names to the Comfy names (default: HF / transformers-5 names); a GGUF
-    reader passes its own llama.cpp -> Comfy renaming, or a mapping already keyed by Comfy names and
-    ``rename=None``.  Float tensors become ``dtype`` except fp8, which stays fp8 (scaled with ``scale_weight``).
+    reader passes a mapping already keyed by Comfy names and ``rename=None``.  Float tensors become ``dtype``
+    except fp8, which stays fp8 (scaled with ``scale_weight``).  ``templates``: the family's prompt templates.
     """
     device = torch.device(device)
     model = Qwen25VLModel(text, vision, device="meta", dtype=dtype, ops=ops or CastOps)
-    assign_weights(model, _OnDevice(tensors, device), dtype=dtype, rename=rename, what=source)
-    model.eval().requires_grad_(False)
-    return TextEncoder(model, tokenizer, dtype=dtype, device=device, source=source)
+    materialize(model, tensors, dtype=dtype, device=device, rename=rename, what=source)
+    return TextEncoder(model, tokenizer, templates, dtype=dtype, device=device, source=source)
 
 
-def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | QwenTokenizer | None = None,
-                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", ops=None,
-                      host_tokenizer_dirs: Iterable[str | os.PathLike] = ()) -> TextEncoder:
-    """Load a Qwen2.5-VL text encoder from a safetensors file or an HF folder (see the module docstring).
+def _open_gguf(path: Path):
+    """A llama.cpp text GGUF + its mmproj, already under Comfy names, with the tokenizer from its metadata."""
+    from ...io.gguf import GGUFOps, open_text_encoder_gguf
 
-    ``tokenizer``: a :class:`QwenTokenizer`, a tokenizer folder / ``tokenizer.json``, or ``None`` to look next
-    to the weights, in ``host_tokenizer_dirs`` and under ``$COMFYUI_PATH``.  ``ops``: the layer namespace
-    (default :class:`models.ops.CastOps`).
+    checkpoint, tokenizer = open_text_encoder_gguf(path)
+    checkpoint.tokenizer = tokenizer
+    return checkpoint, GGUFOps
+
+
+def load_qwen25vl(path: str | os.PathLike, templates: Mapping[str, PromptTemplate],
+                  tokenizer: str | os.PathLike | QwenTokenizer | None = None, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", ops=None,
+                  host_tokenizer_dirs: Iterable[str | os.PathLike] = ()) -> TextEncoder:
+    """Load a Qwen2.5-VL encoder from a safetensors file, an HF folder (or a pipeline folder holding
+    ``text_encoder/``) or a llama.cpp GGUF with its mmproj (see the module docstring).
+
+    ``templates``: the family's prompt templates.  ``tokenizer``: a :class:`QwenTokenizer`, a tokenizer folder /
+    ``tokenizer.json``, or ``None`` for the GGUF's own, else the one next to the weights, in
+    ``host_tokenizer_dirs`` or under ``$COMFYUI_PATH``.  ``ops``: the layer namespace (default
+    :class:`models.common.ops.CastOps`; GGUF files default to their quantized layers).
     """
     source = str(path)
-    if Path(path).suffix.lower() == ".gguf":  # llama.cpp text GGUF + mmproj, already under Comfy names
-        from ...io.gguf import GGUFOps, open_text_encoder_gguf
-
-        checkpoint, gguf_tokenizer = open_text_encoder_gguf(path)
-        text, vision = detect_configs(list(checkpoint), checkpoint.shape, checkpoint.config, source)
-        if tokenizer is None and gguf_tokenizer is not None:
-            tokenizer = gguf_tokenizer
-        elif not isinstance(tokenizer, QwenTokenizer):
-            tokenizer = find_tokenizer(explicit=tokenizer, weights=Path(path), host_dirs=host_tokenizer_dirs)
-        return build_text_encoder(checkpoint, text, vision, tokenizer, dtype=dtype, device=device,
-                                  ops=ops or GGUFOps, rename=None, source=source)
-    checkpoint = open_checkpoint(path)
-    canonical = {}
-    for key in checkpoint:
-        name = canonical_name(key)
-        if name is not None:
-            canonical[name] = key
-    text, vision = detect_configs(canonical, lambda name: checkpoint.shape(canonical[name]), checkpoint.config,
+    weights = open_weights(path, "text_encoder", gguf_opener=_open_gguf)
+    if weights.ops is None:  # GGUF files were checked by their architecture tag
+        expect(weights.tensors, "qwen_image", "text_encoder", EXPECTED, REQUIRED, source_name=source)
+        canonical = {name: key for key in weights.tensors if (name := canonical_name(key)) is not None}
+        rename = canonical_name
+    else:
+        canonical, rename = {key: key for key in weights.tensors}, None
+    text, vision = detect_configs(canonical, lambda name: weights.tensors.shape(canonical[name]), weights.config,
                                   source)
-    if not isinstance(tokenizer, QwenTokenizer):
+    if tokenizer is None and getattr(weights.tensors, "tokenizer", None) is not None:
+        tokenizer = weights.tensors.tokenizer
+    elif not isinstance(tokenizer, QwenTokenizer):
         tokenizer = find_tokenizer(explicit=tokenizer, weights=Path(path), host_dirs=host_tokenizer_dirs)
-    return build_text_encoder(checkpoint, text, vision, tokenizer, dtype=dtype, device=device, ops=ops,
-                              rename=canonical_name, source=source)
+    return build_text_encoder(weights.tensors, text, vision, tokenizer, templates, dtype=dtype, device=device,
+                              ops=ops or weights.ops, rename=rename, source=source)
