@@ -37,7 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-from models.qwen_image.dit import DiTConfig, QwenImageDiT, pack_latent, unpack_latent  # noqa: E402
+from models.qwen_image.dit import DiTConfig, QwenImageDiT  # noqa: E402
+from models.qwen_image.latent import QWEN_IMAGE_LATENT  # noqa: E402
 from tiny_models.configs import FULL_DIT  # noqa: E402
 
 
@@ -95,9 +96,9 @@ def run_ours(model, x, t, ctx):
 def run_diffusers(model, x, t, ctx):
     h, w = x.shape[2], x.shape[3]
     with torch.no_grad():
-        out = model(hidden_states=pack_latent(x), encoder_hidden_states=ctx, timestep=t.to(x.dtype),
+        out = model(hidden_states=QWEN_IMAGE_LATENT.pack(x), encoder_hidden_states=ctx, timestep=t.to(x.dtype),
                     img_shapes=[[(1, h // 2, w // 2)]], return_dict=False)[0]
-    return unpack_latent(out, h, w)
+    return QWEN_IMAGE_LATENT.unpack(out, h, w)
 
 
 def _sync(device: str) -> None:

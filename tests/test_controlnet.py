@@ -11,7 +11,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_controlnet_inpaint import 
 from safetensors.torch import save_file
 
 from models.qwen_image.controlnet import controlnet_from_tensors, controlnet_inpaint_latent, load_controlnet
-from models.qwen_image.dit import pack_latent
+from models.qwen_image.latent import QWEN_IMAGE_LATENT
 from models.qwen_image.dit_loader import load_diffusion_model
 from models.io.gguf import load_gguf_state_dict
 from tiny_models.configs import TINY_CONTROLNET, TINY_DIT
@@ -64,7 +64,7 @@ def run_reference_controlnet(reference, x, timestep, context, hint, mask=None, s
     """diffusers' ControlNet called as QwenImageControlNetPipeline calls it (packed latents, sigma timestep)."""
     batch, _, height, width = x.shape
     with torch.no_grad():
-        return reference(hidden_states=pack_latent(x), controlnet_cond=pack_latent(hint), conditioning_scale=scale,
+        return reference(hidden_states=QWEN_IMAGE_LATENT.pack(x), controlnet_cond=QWEN_IMAGE_LATENT.pack(hint), conditioning_scale=scale,
                          encoder_hidden_states=context, encoder_hidden_states_mask=mask, timestep=timestep,
                          img_shapes=[[(1, height // 2, width // 2)]] * batch, return_dict=False)
 
@@ -127,7 +127,7 @@ def test_controlnet_inpaint_latent_matches_diffusers_pipeline():
         pipe, image=torch.rand(2, 3, 48, 80, generator=g) * 2 - 1, mask=pixel_mask, width=80, height=48,
         batch_size=2, num_images_per_prompt=1, device=torch.device("cpu"), dtype=torch.float32)
     mean, std = torch.tensor(_LATENTS_MEAN).view(1, 16, 1, 1), torch.tensor(_LATENTS_STD).view(1, 16, 1, 1)
-    ours = pack_latent(controlnet_inpaint_latent((raw[:, :, 0] - mean) / std, pixel_mask))
+    ours = QWEN_IMAGE_LATENT.pack(controlnet_inpaint_latent((raw[:, :, 0] - mean) / std, pixel_mask))
     assert ours.shape == expected.shape == (2, 15, 68)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
 

@@ -11,7 +11,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-from models.qwen_image.dit import pack_latent, unpack_latent
+from models.qwen_image.latent import QWEN_IMAGE_LATENT
 from models.qwen_image.dit_loader import dit_from_tensors
 from models.qwen_image.rope import apply_rope, msrope_positions, rope_angles, rope_table
 from tiny_models.configs import TINY_DIT
@@ -44,12 +44,12 @@ def run_reference(reference, x, timestep, context, mask=None, refs=None, control
     batch, _, height, width = x.shape
     images = [x] + list(refs or [])
     shapes = [[(1, im.shape[2] // 2, im.shape[3] // 2) for im in images]] * batch
-    hidden = torch.cat([pack_latent(im) for im in images], dim=1)
+    hidden = torch.cat([QWEN_IMAGE_LATENT.pack(im) for im in images], dim=1)
     with torch.no_grad():
         out = reference(hidden_states=hidden, encoder_hidden_states=context, encoder_hidden_states_mask=mask,
                         timestep=timestep, img_shapes=shapes, controlnet_block_samples=control,
                         return_dict=False)[0]
-    return unpack_latent(out[:, : (height // 2) * (width // 2)], height, width)
+    return QWEN_IMAGE_LATENT.unpack(out[:, : (height // 2) * (width // 2)], height, width)
 
 
 def inputs(batch=1, height=8, width=8, text=7, seed=1):

@@ -12,7 +12,7 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from models import WeightFileError, load_diffusion_model
-from models.qwen_image.dit import pack_latent, unpack_latent
+from models.qwen_image.latent import QWEN_IMAGE_LATENT
 from tiny_models.configs import TINY_DIT
 from tiny_models.factory import DIT_PREFIX, make_dit
 from models.io.weights import FLOAT8_DTYPES
@@ -57,10 +57,10 @@ def sample_inputs(seed: int = 0):
 def run_reference(model, x, t, ctx, ref):
     shapes = [[(1, x.shape[2] // 2, x.shape[3] // 2), (1, ref.shape[2] // 2, ref.shape[3] // 2)]]
     with torch.no_grad():
-        out = model(hidden_states=torch.cat([pack_latent(x), pack_latent(ref)], 1), encoder_hidden_states=ctx,
+        out = model(hidden_states=torch.cat([QWEN_IMAGE_LATENT.pack(x), QWEN_IMAGE_LATENT.pack(ref)], 1), encoder_hidden_states=ctx,
                     timestep=t, img_shapes=shapes, return_dict=False)[0]
     n = (x.shape[2] // 2) * (x.shape[3] // 2)
-    return unpack_latent(out[:, :n], x.shape[2], x.shape[3])
+    return QWEN_IMAGE_LATENT.unpack(out[:, :n], x.shape[2], x.shape[3])
 
 
 @pytest.fixture(scope="module")

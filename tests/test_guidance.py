@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.qwen_image.dit import pack_latent
+from models.qwen_image.latent import QWEN_IMAGE_LATENT
 from models.common.guidance import norm_preserving_cfg
 
 
@@ -20,17 +20,17 @@ def _reference(cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: fl
 def test_matches_the_reference_rescale(shape, scale):
     torch.manual_seed(0)
     cond, uncond = torch.randn(shape), torch.randn(shape)
-    ours = norm_preserving_cfg(cond, uncond, scale)
+    ours = norm_preserving_cfg(cond, uncond, scale, QWEN_IMAGE_LATENT.patch_size)
     image = lambda t: t[:, :, 0] if t.ndim == 5 else t  # noqa: E731
-    expected = _reference(pack_latent(image(cond)), pack_latent(image(uncond)), scale)
-    assert torch.allclose(pack_latent(image(ours)), expected, atol=1e-6, rtol=1e-5)
+    expected = _reference(QWEN_IMAGE_LATENT.pack(image(cond)), QWEN_IMAGE_LATENT.pack(image(uncond)), scale)
+    assert torch.allclose(QWEN_IMAGE_LATENT.pack(image(ours)), expected, atol=1e-6, rtol=1e-5)
     assert ours.shape == cond.shape
 
 
 def test_the_rescale_is_not_plain_cfg_and_keeps_token_norms():
     torch.manual_seed(1)
     cond, uncond = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
-    ours = norm_preserving_cfg(cond, uncond, 4.0)
+    ours = norm_preserving_cfg(cond, uncond, 4.0, QWEN_IMAGE_LATENT.patch_size)
     plain = uncond + 4.0 * (cond - uncond)
     assert (ours - plain).abs().max() > 0.1
-    assert torch.allclose(pack_latent(ours).norm(dim=-1), pack_latent(cond).norm(dim=-1), atol=1e-5)
+    assert torch.allclose(QWEN_IMAGE_LATENT.pack(ours).norm(dim=-1), QWEN_IMAGE_LATENT.pack(cond).norm(dim=-1), atol=1e-5)

@@ -1,9 +1,9 @@
 """True classifier-free guidance with the reference's norm-preserving rescale.
 
-``comb = uncond + scale * (cond - uncond)``, then every 2x2 latent patch (one DiT token: 16 channels x 2 x 2 = 64
-values) is rescaled so its norm equals the conditional prediction's norm there.  Works on velocity-like
-predictions of shape ``[B,16,H,W]`` or ``[B,16,1,H,W]``; the rescale is invariant to a common per-sample factor,
-so it may also be given ``sigma * velocity``.
+``comb = uncond + scale * (cond - uncond)``, then every ``patch x patch`` latent block (one DiT token: all
+channels of the block) is rescaled so its norm equals the conditional prediction's norm there.  Works on
+velocity-like predictions of shape ``[B,C,H,W]`` or ``[B,C,1,H,W]``; the rescale is invariant to a common
+per-sample factor, so it may also be given ``sigma * velocity``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def norm_preserving_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, patch: int = 2) -> torch.Tensor:
-    """The guided prediction, each token rescaled to the conditional prediction's norm."""
+def norm_preserving_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, patch: int) -> torch.Tensor:
+    """The guided prediction, each token (``patch x patch`` latent cells) rescaled to the conditional prediction's
+    norm."""
     comb = uncond + scale * (cond - uncond)
     ratio = _token_norm(cond, patch) / _token_norm(comb, patch)
     return (comb.float() * ratio).to(comb.dtype)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.attention import Options
 from ..common.ops import CastOps
 from ..io.loading import TensorView, materialize
 from ..io.weights import WeightFileError, tensor_shape
@@ -84,7 +85,7 @@ class QwenImageControlNet(DoubleStreamTrunk):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
                 control_latent: torch.Tensor, context_mask: torch.Tensor | None = None,
-                conditioning_scale: float = 1.0) -> list[torch.Tensor]:
+                conditioning_scale: float = 1.0, options: Options | None = None) -> list[torch.Tensor]:
         """One residual ``[B, N_target_tokens, width]`` per ControlNet block (in the compute dtype).
 
         ``x``: the normalized target latent ``[B, 16, H, W]`` (even sizes); ``timestep``: sigma in [0, 1];
@@ -109,7 +110,7 @@ class QwenImageControlNet(DoubleStreamTrunk):
 
         samples = []
         for block, head in zip(self.transformer_blocks, self.controlnet_blocks):
-            img, txt = block(img, txt, silu_temb, [img.shape[1]], rope, mask)
+            img, txt = block(img, txt, silu_temb, [img.shape[1]], rope, mask, options)
             samples.append(head(img) * conditioning_scale)
         return samples
 

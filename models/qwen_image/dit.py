@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.attention import Options, attention
+from ..common.latent_spec import pack_latent, unpack_latent
 from ..common.ops import CastOps
 from .rope import MSRoPE, apply_rope, split_rope
 
@@ -54,21 +56,6 @@ class DiTConfig:
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
-
-
-def pack_latent(x: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """``[B, C, H, W] -> [B, (H/p)(W/p), C*p*p]`` with channel ``c*p*p + dy*p + dx`` (the diffusers packing)."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack_latent(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
-    """Inverse of :func:`pack_latent` for a ``height x width`` latent."""
-    b, _, packed = tokens.shape
-    c = packed // (patch * patch)
-    x = tokens.view(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
 
 
 def timestep_sinusoid(sigma: torch.Tensor, dim: int = 256) -> torch.Tensor:
@@ -152,8 +139,8 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([linear()])
         self.to_add_out = linear()
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: torch.Tensor,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                options: Options | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, text_len, image_len = img.shape[0], txt.shape[1], img.shape[1]
         heads = (self.heads, -1)
         # q, k, v are written straight into [B, H, L, D] buffers (SDPA is fastest on contiguous heads-first
@@ -169,7 +156,7 @@ class JointAttention(nn.Module):
         v_view[:, :text_len] = self.add_v_proj(txt).unflatten(-1, heads)
         v_view[:, text_len:] = self.to_v(img).unflatten(-1, heads)
         del q_view, k_view, v_view
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # [B, L, H, D]
+        out = attention(q, k, v, mask=mask, options=options).transpose(1, 2)  # [B, L, H, D]
         del q, k, v
         return self.to_out[0](out[:, text_len:].flatten(2)), self.to_add_out(out[:, :text_len].flatten(2))
 
@@ -211,9 +198,10 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = FeedForward(width, ops, device=device, dtype=dtype)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, silu_temb: torch.Tensor, img_sizes: Sequence[int],
-                rope: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: torch.Tensor, mask: torch.Tensor | None,
+                options: Options | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Update ``img`` and ``txt`` in place and return them.  ``silu_temb`` holds one row block per image
-        token segment (``img_sizes``); the text uses the first."""
+        token segment (``img_sizes``); the text uses the first.  ``options``: run options (attention kernel)."""
         batch, width = txt.shape[0], img.shape[-1]
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _mod_params(self.img_mod[1], silu_temb,
                                                                                 len(img_sizes))
@@ -222,7 +210,7 @@ class DoubleStreamBlock(nn.Module):
 
         img_in = _modulate(F.layer_norm(img, (width,), eps=_EPS), i_shift1, i_scale1, img_sizes)
         txt_in = _modulate(F.layer_norm(txt, (width,), eps=_EPS), t_shift1, t_scale1, txt_sizes)
-        img_attn, txt_attn = self.attn(img_in, txt_in, rope, mask)
+        img_attn, txt_attn = self.attn(img_in, txt_in, rope, mask, options)
         del img_in, txt_in
         _gated_add_(img, i_gate1, img_attn, img_sizes)
         _gated_add_(txt, t_gate1, txt_attn, txt_sizes)
@@ -309,7 +297,7 @@ class QwenImageDiT(DoubleStreamTrunk):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, ref_latents: Sequence[torch.Tensor] | None = None,
                 control: Sequence[torch.Tensor | None] | None = None,
-                block_patches: Sequence[BlockPatch] | None = None) -> torch.Tensor:
+                block_patches: Sequence[BlockPatch] | None = None, options: Options | None = None) -> torch.Tensor:
         """Velocity ``[B, 16, H, W]`` (in ``x``'s dtype) for the target latent ``x``.
 
         ``timestep``: sigma in [0, 1], ``[B]`` or scalar.  ``context [B, L, joint_dim]`` with an optional
@@ -318,6 +306,8 @@ class QwenImageDiT(DoubleStreamTrunk):
         sample ``i // ceil(depth / len(control))`` added to the target tokens after block ``i``.
         ``block_patches``: callables ``patch(i, target_tokens) -> residual or None`` run after block ``i`` (before
         ``control``); a residual is added to the target tokens (DiffSynth blockwise control works this way).
+        ``options``: run options threaded to every block (a host's attention kernel, see
+        :mod:`models.common.attention`).
         """
         batch, _, height, width = x.shape
         p = self.config.patch_size
@@ -353,7 +343,7 @@ class QwenImageDiT(DoubleStreamTrunk):
 
         interval = math.ceil(len(self.transformer_blocks) / len(control)) if control else 0
         for index, block in enumerate(self.transformer_blocks):
-            img, txt = block(img, txt, silu_temb, img_sizes, rope, mask)
+            img, txt = block(img, txt, silu_temb, img_sizes, rope, mask, options)
             for patch in block_patches or ():
                 residual = patch(index, img[:, :target_tokens])
                 if residual is not None:

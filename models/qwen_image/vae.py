@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.attention import Options, attention
 from ..common.ops import CastOps
 from ..common.tiling import available_memory, plan_tiles, run_tiled
 from ..io.loading import materialize, open_weights
@@ -149,15 +150,15 @@ class ResidualBlock(nn.Module):
         return h.add_(x if self.shortcut is None else self.shortcut(x))
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Options | None) -> torch.Tensor:
     """Single-head softmax attention [B, N, C], queries in chunks so the score matrix stays bounded."""
     q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     chunk = max(1, _ATTENTION_SCORE_ELEMENTS // k.shape[2])
     if chunk >= q.shape[2]:
-        return F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        return attention(q, k, v, options=options).squeeze(1)
     out = q.new_empty(q.shape)
     for start in range(0, q.shape[2], chunk):
-        out[:, :, start:start + chunk] = F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v)
+        out[:, :, start:start + chunk] = attention(q[:, :, start:start + chunk], k, v, options=options)
     return out.squeeze(1)
 
 
@@ -170,11 +171,11 @@ class AttentionBlock(nn.Module):
         self.to_qkv = ops.Conv2d(dim, dim * 3, 1, device=device, dtype=dtype)
         self.proj = ops.Conv2d(dim, dim, 1, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, options: Options | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         # Channels-last: q, k, v are strided views of one [B, N, 3C] tensor; attention reads them without copies.
         qkv = self.to_qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, 3 * c)
-        out = _attention(*qkv.chunk(3, dim=-1)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        out = _attention(*qkv.chunk(3, dim=-1), options).reshape(b, h, w, c).permute(0, 3, 1, 2)
         del qkv
         return self.proj(out).add_(x)
 
@@ -207,6 +208,11 @@ class Resample(nn.Module):
 def _middle(dim: int, ops, factory: dict) -> nn.Sequential:
     return nn.Sequential(ResidualBlock(dim, dim, ops, **factory), AttentionBlock(dim, ops, **factory),
                          ResidualBlock(dim, dim, ops, **factory))
+
+
+def _run_middle(middle: nn.Sequential, x: torch.Tensor, options: Options | None) -> torch.Tensor:
+    first, attend, last = middle
+    return last(attend(first(x), options))
 
 
 def _head(dim: int, out_ch: int, ops, factory: dict) -> nn.Sequential:
@@ -247,11 +253,9 @@ class Encoder(nn.Module):
             x = block(x)
         return x
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, options: Options | None = None) -> torch.Tensor:
         """Latent-resolution features -> mean and log-variance (contains the global attention)."""
-        for block in self.middle:
-            x = block(x)
-        return _run_head(self.head, x)
+        return _run_head(self.head, _run_middle(self.middle, x, options))
 
 
 class Decoder(nn.Module):
@@ -276,12 +280,9 @@ class Decoder(nn.Module):
         self.upsamples = nn.Sequential(*blocks)
         self.head = _head(dims[-1], 3, ops, factory)
 
-    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+    def trunk(self, z: torch.Tensor, options: Options | None = None) -> torch.Tensor:
         """Latents -> latent-resolution features (contains the global attention)."""
-        x = self.conv1(z)
-        for block in self.middle:
-            x = block(x)
-        return x
+        return _run_middle(self.middle, self.conv1(z), options)
 
     def tail(self, x: torch.Tensor) -> torch.Tensor:
         """Latent-resolution features -> pixels in [-1, 1]-ish (convolutions only: tileable)."""
@@ -357,14 +358,16 @@ class QwenImageVAE(nn.Module):
 
     # -- encode ------------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None, progress: Progress | None = None) -> torch.Tensor:
+               tile_overlap: int | None = None, progress: Progress | None = None,
+               options: Options | None = None) -> torch.Tensor:
         """Images [B, H, W, C>=3] in 0..1 (H, W multiples of 8) -> raw latent mean [B, 16, H/8, W/8] (float32).
 
         ``tiled``: ``None`` tiles only when the untiled call would not fit (or runs out of memory), ``True`` /
         ``False`` force it.  ``tile_size`` / ``tile_overlap`` in pixels (multiples of 8; default 512 / 72):
         core size of a tile and the context it sees on every side; the overlap is raised to the receptive field
         (72 px), which makes tiled and untiled results equal.  ``progress(done, total)`` is called per tile (or
-        per batch chunk when untiled).
+        per batch chunk when untiled).  ``options``: run options for the attention (see
+        :mod:`models.common.attention`).
         """
         if images.ndim != 4 or images.shape[-1] < 3:
             raise ValueError(f"images must be [B, H, W, 3] (got shape {tuple(images.shape)}).")
@@ -379,24 +382,23 @@ class QwenImageVAE(nn.Module):
             z = self._dispatch(
                 x, tiled, tile, MIN_ENCODE_TILE, SPATIAL_FACTOR, progress,
                 estimate=lambda n: self.estimate_encode_bytes(n, height, width),
-                untiled=self._encode_untiled,
-                tiled_fn=lambda image, size, step: self._encode_tiled(image, size, overlap, step))
+                untiled=lambda image: self._mean(self.encoder.finish(self.encoder.local_features(image), options)),
+                tiled_fn=lambda image, size, step: self._encode_tiled(image, size, overlap, step, options))
         return z.float().contiguous()
 
-    def _encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mean(self.encoder.finish(self.encoder.local_features(x)))
-
-    def _encode_tiled(self, x: torch.Tensor, tile: int, overlap: int, step: Callable[[], None]) -> torch.Tensor:
+    def _encode_tiled(self, x: torch.Tensor, tile: int, overlap: int, step: Callable[[], None],
+                      options: Options | None) -> torch.Tensor:
         tiles = plan_tiles(x.shape[2], x.shape[3], tile, overlap, SPATIAL_FACTOR)
         features = run_tiled(self.encoder.local_features, x, tiles, (1, SPATIAL_FACTOR), step)
-        return self._mean(self.encoder.finish(features))
+        return self._mean(self.encoder.finish(features, options))
 
     def _mean(self, moments: torch.Tensor) -> torch.Tensor:
         return self.conv1(moments)[:, :self.z_dim]
 
     # -- decode ------------------------------------------------------------------------------------------------
     def decode(self, z: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None, progress: Progress | None = None) -> torch.Tensor:
+               tile_overlap: int | None = None, progress: Progress | None = None,
+               options: Options | None = None) -> torch.Tensor:
         """Raw latents [B, 16, h, w] (or [B, 16, 1, h, w]) -> images [B, 8h, 8w, 3] in 0..1 (float32).
 
         ``tiled`` as in :meth:`encode`; ``tile_size`` / ``tile_overlap`` in latent units (default 64 / 13); the
@@ -416,13 +418,14 @@ class QwenImageVAE(nn.Module):
             x = self._dispatch(
                 z, tiled, tile, MIN_DECODE_TILE, 1, progress,
                 estimate=lambda n: self.estimate_decode_bytes(n, height * SPATIAL_FACTOR, width * SPATIAL_FACTOR),
-                untiled=lambda latents: self.decoder.tail(self.decoder.trunk(self.conv2(latents))),
-                tiled_fn=lambda latents, size, step: self._decode_tiled(latents, size, overlap, step))
+                untiled=lambda latents: self.decoder.tail(self.decoder.trunk(self.conv2(latents), options)),
+                tiled_fn=lambda latents, size, step: self._decode_tiled(latents, size, overlap, step, options))
             x = x.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)
         return x.permute(0, 2, 3, 1).float().contiguous()
 
-    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int, step: Callable[[], None]) -> torch.Tensor:
-        features = self.decoder.trunk(self.conv2(z))
+    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int, step: Callable[[], None],
+                      options: Options | None) -> torch.Tensor:
+        features = self.decoder.trunk(self.conv2(z), options)
         tiles = plan_tiles(z.shape[2], z.shape[3], tile, overlap)
         return run_tiled(self.decoder.tail, features, tiles, (SPATIAL_FACTOR, 1), step)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ...common.attention import Options
 from ...common.ops import CastOps
 from ...io.loading import materialize, open_weights
 from ...io.weights import WeightFileError
@@ -83,13 +84,15 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompt: str, images: Sequence[torch.Tensor] | torch.Tensor | None = None,
-               template: str | PromptTemplate = "t2i") -> tuple[torch.Tensor, torch.Tensor]:
+               template: str | PromptTemplate = "t2i", options: Options | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition embeddings for ``prompt`` and optional reference images.
 
         ``images``: ``[H, W, 3]`` float tensors in 0..1 at the size the vision tower should see (sides that are
         not multiples of 28 are resized, see :mod:`models.encoders.vision_preprocess`).  ``template``: a
         :class:`PromptTemplate` or the name of one of the family's :attr:`templates` (Qwen-Image: ``"t2i"`` takes
         no images, ``"edit"`` exactly one, ``"edit_plus"`` any number, "Picture i:" each).
+        ``options``: run options for the attention (see :mod:`models.common.attention`).
         Returns ``(emb [1, L, hidden] in the encoder dtype, mask [1, L] int64 ones)``.
         """
         if isinstance(template, PromptTemplate):
@@ -123,7 +126,7 @@ class TextEncoder:
         features, spans, expanded, cursor = [], [], [], 0
         for pad, image in zip(pads, images):  # each placeholder becomes the image's merged tokens
             patches, grid = preprocess_image(image.to(self.device))
-            tokens = self.model.visual(patches, grid, dtype=self.dtype)
+            tokens = self.model.visual(patches, grid, dtype=self.dtype, options=options)
             merge = self.model.visual.config.spatial_merge_size
             expanded += ids[cursor:pad]
             spans.append((len(expanded), grid[0] // merge, grid[1] // merge))
@@ -137,7 +140,7 @@ class TextEncoder:
         for (start, rows, cols), tokens in zip(spans, features):
             embeds[start:start + rows * cols] = tokens.to(self.dtype)
         positions = mrope_positions(len(expanded), spans).to(self.device)
-        hidden = self.model.model(embeds[None], positions)
+        hidden = self.model.model(embeds[None], positions, options)
         emb = hidden[:, spec.drop:]
         return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...common.attention import Options, attention
 from ...common.ops import CastOps
 
 __all__ = [
@@ -107,7 +108,7 @@ class TextAttention(nn.Module):
         self.v_proj = ops.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True, device=device, dtype=dtype)
         self.o_proj = ops.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, options: Options | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -117,7 +118,7 @@ class TextAttention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = attention(q, k, v, causal=True, options=options)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -142,8 +143,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = ops.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, device=device, dtype=dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False, device=device, dtype=dtype, ops=ops)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, options: Options | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, options)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -167,12 +168,12 @@ class LanguageModel(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, options: Options | None = None) -> torch.Tensor:
         """``embeds`` ``[B, L, hidden]`` (already in the compute dtype), ``positions`` ``[3, L]`` -> ``[B, L, hidden]``."""
         cos, sin = self.rotary(positions.to(embeds.device))
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, options)
         return self.norm(x)
 
 
@@ -203,7 +204,8 @@ class VisionAttention(nn.Module):
         self.qkv = ops.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, device=device, dtype=dtype)
         self.proj = ops.Linear(cfg.hidden_size, cfg.hidden_size, bias=True, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: list[torch.Tensor],
+                options: Options | None = None) -> torch.Tensor:
         length = x.shape[0]
         q, k, v = self.qkv(x).view(length, 3, self.num_heads, -1).unbind(1)  # each [N, heads, head_dim]
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
@@ -211,7 +213,7 @@ class VisionAttention(nn.Module):
         # ``chunks`` groups equally long chunks: index [n_chunks, chunk_len] -> one batched SDPA call per group.
         for index in chunks:
             qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # [n_chunks, heads, chunk_len, head_dim]
-            out[index] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+            out[index] = attention(qs, ks, vs, options=options).transpose(1, 2)
         return self.proj(out.reshape(length, -1))
 
 
@@ -223,8 +225,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg, device=device, dtype=dtype, ops=ops)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=True, device=device, dtype=dtype, ops=ops)
 
-    def forward(self, x, cos, sin, chunks):
-        x = x + self.attn(self.norm1(x), cos, sin, chunks)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: list[torch.Tensor],
+                options: Options | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, chunks, options)
         return x + self.mlp(self.norm2(x))
 
 
@@ -303,7 +306,8 @@ class VisionTower(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # broadcast over heads
         return angles.cos(), angles.sin()
 
-    def forward(self, patches: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype | None = None,
+                options: Options | None = None) -> torch.Tensor:
         cfg = self.config
         grid_h, grid_w = grid
         unit = cfg.spatial_merge_size ** 2
@@ -321,7 +325,7 @@ class VisionTower(nn.Module):
         cos, sin = cos[patch_order], sin[patch_order]
         for index, block in enumerate(self.blocks):
             chunks = full_chunks if index in cfg.fullatt_block_indexes else window_chunks
-            x = block(x, cos, sin, chunks)
+            x = block(x, cos, sin, chunks, options)
         merged = self.merger(x)
         return merged[torch.argsort(units)]
 
