@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from env import comfyui_path
 from tiny_models.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
 from tiny_models.factory import DIT_PREFIX
-from models.qwen_image.vae_keys import wan_to_diffusers
+from models.qwen_image.vae_keys import diffusers_to_wan
 
 TOKENIZER_SUBDIR = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
 # The Qwen/Qwen-Image scheduler_config.json.
@@ -59,8 +59,13 @@ def reference_vae(path: Path):
     from diffusers import AutoencoderKLQwenImage
 
     model = AutoencoderKLQwenImage(**TINY_VAE)
-    model.load_state_dict({wan_to_diffusers(k): v for k, v in comfy_tensors(path).items()}, strict=True)
+    model.load_state_dict(wan_named_state(model, comfy_tensors(path)), strict=True)
     return model.eval()
+
+
+def wan_named_state(model, wan_tensors: dict) -> dict:
+    """A diffusers VAE state dict from tensors under the original Wan names (through the loader's mapping)."""
+    return {name: wan_tensors[diffusers_to_wan(name)] for name in model.state_dict()}
 
 
 def reference_text_encoder(path: Path):

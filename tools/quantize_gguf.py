@@ -29,9 +29,8 @@ from models.io.gguf.quantize import DIT_PRESETS, dit_tensor_type, quantize  # no
 from models.io.gguf.reader import GGMLType  # noqa: E402
 from models.io.gguf.writer import GGUFWriter  # noqa: E402
 from models.io.weights import WeightFileError, open_checkpoint  # noqa: E402
+from models.registry import COMFY_DIT_PREFIX as PREFIX, ZERO_COND_MARKER  # noqa: E402
 
-PREFIX = "model.diffusion_model."
-ZERO_COND_MARKER = "__index_timestep_zero__"
 SKIPPED = ("scaled_fp8",)
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 

@@ -33,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
     ``mask``: a boolean (True = attend) or additive mask broadcastable to ``[B, heads, L_q, L_k]``;
     ``causal``: a causal mask instead.  ``options``: the caller's run options (see the module docstring).
     """
-    kernel = options.get(ATTENTION_KERNEL) if options else None
+    kernel: AttentionKernel | None = options.get(ATTENTION_KERNEL) if options else None
     if kernel is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return kernel(q, k, v, mask=mask, causal=causal, options=options)

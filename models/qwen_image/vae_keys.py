@@ -4,8 +4,8 @@ The Qwen-Image VAE is the Wan 2.1 video VAE.  Comfy-Org single files keep the or
 (``encoder.conv1``, ``encoder.downsamples.N.residual.{0,2,3,6}``, ``encoder.middle.{0,1,2}``,
 ``encoder.head.{0,2}``, ``conv1``, ``conv2``, ``decoder.upsamples.N``...); diffusers' ``AutoencoderKLQwenImage``
 renames them (``encoder.conv_in``, ``encoder.down_blocks.N.{norm1,conv1,norm2,conv2}``, ``mid_block``,
-``quant_conv``, ``post_quant_conv``, ``decoder.up_blocks.I.{resnets.J,upsamplers.0}``...).  The two functions
-here are inverse bijections over the full key set.
+``quant_conv``, ``post_quant_conv``, ``decoder.up_blocks.I.{resnets.J,upsamplers.0}``...).  The loader reads
+diffusers files through :func:`diffusers_to_wan`, a bijection over the full key set.
 
 Both layouts index the encoder's residual/resample blocks in one flat list, so those indices are kept.  The
 decoder differs: Wan flattens every level into ``upsamples`` (``num_res_blocks + 1`` residual blocks, then one
@@ -19,27 +19,24 @@ import re
 
 from ..io.weights import WeightFileError
 
-__all__ = ["wan_to_diffusers", "diffusers_to_wan"]
+__all__ = ["diffusers_to_wan"]
 
 # Inside a residual block: Wan's nn.Sequential positions <-> diffusers attribute names.
-_RESIDUAL_WAN_TO_DIFFUSERS = {
-    "residual.0": "norm1",
-    "residual.2": "conv1",
-    "residual.3": "norm2",
-    "residual.6": "conv2",
-    "shortcut": "conv_shortcut",
+_RESIDUAL_DIFFUSERS_TO_WAN = {
+    "norm1": "residual.0",
+    "conv1": "residual.2",
+    "norm2": "residual.3",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
 }
-_RESIDUAL_DIFFUSERS_TO_WAN = {v: k for k, v in _RESIDUAL_WAN_TO_DIFFUSERS.items()}
 
 # Names identical in both layouts inside attention and resample blocks.
 _SAME_INSIDE = ("norm.", "to_qkv.", "proj.", "resample.1.", "time_conv.")
 
 # Encoder/decoder middle: Wan nn.Sequential(residual, attention, residual).
-_MIDDLE_WAN_TO_DIFFUSERS = {"0": "mid_block.resnets.0", "1": "mid_block.attentions.0", "2": "mid_block.resnets.1"}
-_MIDDLE_DIFFUSERS_TO_WAN = {v: k for k, v in _MIDDLE_WAN_TO_DIFFUSERS.items()}
+_MIDDLE_DIFFUSERS_TO_WAN = {"mid_block.resnets.0": "0", "mid_block.attentions.0": "1", "mid_block.resnets.1": "2"}
 
-_HEAD_WAN_TO_DIFFUSERS = {"head.0.": "norm_out.", "head.2.": "conv_out."}
-_HEAD_DIFFUSERS_TO_WAN = {v: k for k, v in _HEAD_WAN_TO_DIFFUSERS.items()}
+_HEAD_DIFFUSERS_TO_WAN = {"norm_out.": "head.0.", "conv_out.": "head.2."}
 
 
 def _unknown(name: str, layout: str) -> WeightFileError:
@@ -56,43 +53,6 @@ def _block_inside(rest: str, table: dict[str, str], name: str, layout: str) -> s
     if prefix in table:
         return f"{table[prefix]}.{leaf}"
     raise _unknown(name, layout)
-
-
-def wan_to_diffusers(name: str, num_res_blocks: int = 2) -> str:
-    """The diffusers ``AutoencoderKLQwenImage`` name of an original Wan 2.1 VAE tensor name.
-
-    Raises :class:`~models.weights.WeightFileError` for a name that is not part of the Wan VAE.
-    """
-    if name.startswith("conv1."):
-        return "quant_conv." + name[len("conv1."):]
-    if name.startswith("conv2."):
-        return "post_quant_conv." + name[len("conv2."):]
-    side, dot, rest = name.partition(".")
-    if side not in ("encoder", "decoder") or not dot:
-        raise _unknown(name, "Wan")
-    if rest.startswith("conv1."):
-        return f"{side}.conv_in.{rest[len('conv1.'):]}"
-    for wan, diffusers in _HEAD_WAN_TO_DIFFUSERS.items():
-        if rest.startswith(wan):
-            return f"{side}.{diffusers}{rest[len(wan):]}"
-    match = re.fullmatch(r"middle\.(\d+)\.(.+)", rest)
-    if match and match.group(1) in _MIDDLE_WAN_TO_DIFFUSERS:
-        inside = _block_inside(match.group(2), _RESIDUAL_WAN_TO_DIFFUSERS, name, "Wan")
-        return f"{side}.{_MIDDLE_WAN_TO_DIFFUSERS[match.group(1)]}.{inside}"
-    if side == "encoder":
-        match = re.fullmatch(r"downsamples\.(\d+)\.(.+)", rest)
-        if match:
-            inside = _block_inside(match.group(2), _RESIDUAL_WAN_TO_DIFFUSERS, name, "Wan")
-            return f"encoder.down_blocks.{match.group(1)}.{inside}"
-    else:
-        match = re.fullmatch(r"upsamples\.(\d+)\.(.+)", rest)
-        if match:
-            level, position = divmod(int(match.group(1)), num_res_blocks + 2)
-            inside = _block_inside(match.group(2), _RESIDUAL_WAN_TO_DIFFUSERS, name, "Wan")
-            if position <= num_res_blocks:
-                return f"decoder.up_blocks.{level}.resnets.{position}.{inside}"
-            return f"decoder.up_blocks.{level}.upsamplers.0.{inside}"
-    raise _unknown(name, "Wan")
 
 
 def diffusers_to_wan(name: str, num_res_blocks: int = 2) -> str:
