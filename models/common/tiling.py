@@ -59,7 +59,7 @@ def run_tiled(
 ) -> torch.Tensor:
     """Apply a local ``fn`` to ``x`` ([B, C, H, W]) tile by tile and stitch the cores of the results.
 
-    ``scale = (num, den)``: ``fn`` maps an input extent ``n`` to ``n * num // den`` (decoder 8/1, encoder 1/8).
+    ``scale = (num, den)``: ``fn`` maps an input extent ``n`` to ``n * num // den`` (a decoder upsampling by f: ``(f, 1)``, an encoder: ``(1, f)``).
     ``progress`` is called after each tile.
     """
     num, den = scale

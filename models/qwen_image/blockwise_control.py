@@ -7,7 +7,7 @@ with RMSNorms of eps 1e-6 and exact GELU.  After DiT block ``i`` the target imag
 ``double_block`` patch, before any ControlNet residual).  The control tokens are computed once per control image:
 ``img_in(pack(normalized latent [+ keep mask]))``.
 
-Usage with :class:`models.dit.QwenImageDiT`::
+Usage with :class:`models.qwen_image.dit.QwenImageDiT`::
 
     control = load_blockwise_control(path)
     tokens = control.encode(control_latent)            # once per image size
@@ -112,7 +112,7 @@ class BlockwiseControl(nn.Module):
         return self.controlnet_blocks[block_index](img_tokens, control)
 
     def patch(self, control_tokens: torch.Tensor, strength: float = 1.0) -> BlockPatch:
-        """A ``block_patches`` entry for :class:`models.dit.QwenImageDiT`: ``strength * block_residual``."""
+        """A ``block_patches`` entry for :class:`models.qwen_image.dit.QwenImageDiT`: ``strength * block_residual``."""
 
         def apply(block_index: int, img_tokens: torch.Tensor) -> torch.Tensor:
             return self.block_residual(block_index, img_tokens, control_tokens) * strength

@@ -5,12 +5,12 @@ and a few of its double-stream blocks (``transformer_blocks.N``, 5 in the releas
 ``controlnet_x_embedder`` (the packed control latent, 64 channels, or 68 for the Inpainting variant, added to the
 embedded target tokens) and one ``controlnet_blocks.N`` Linear per block.  Its output is one residual per block,
 ``controlnet_blocks[i](image tokens after block i) * conditioning_scale``, which
-:class:`models.dit.QwenImageDiT` takes as ``control=`` (sample ``i // ceil(depth / samples)`` after DiT block i).
+:class:`models.qwen_image.dit.QwenImageDiT` takes as ``control=`` (sample ``i // ceil(depth / samples)`` after DiT block i).
 
 Key names are those of diffusers' ``QwenImageControlNetModel`` (the InstantX files: a folder with ``config.json``
 + ``diffusion_pytorch_model.safetensors``, or that single file as Comfy users keep it in ``models/controlnet``);
 GGUF files of the same names (arch ``qwen_image``, what city96-style converters write for these keys) load
-through :mod:`models.gguf`.  The shape (blocks, width, heads, extra channels) is detected from tensor shapes.
+through :mod:`models.io.gguf`.  The shape (blocks, width, heads, extra channels) is detected from tensor shapes.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ControlNetConfig(DiTConfig):
 class QwenImageControlNet(DoubleStreamTrunk):
     """Call ``cn(x, timestep, context, control_latent, context_mask=None, conditioning_scale=1.0)``.
 
-    Build on ``device="meta"`` and fill with :func:`models.weights.assign_weights` (see :func:`load_controlnet`).
+    Build on ``device="meta"`` and fill with :func:`models.io.weights.assign_weights` (see :func:`load_controlnet`).
     """
 
     def __init__(self, config: ControlNetConfig, compute_dtype: torch.dtype = torch.float32, ops=CastOps,

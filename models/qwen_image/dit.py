@@ -270,8 +270,8 @@ class DoubleStreamTrunk(nn.Module):
 class QwenImageDiT(DoubleStreamTrunk):
     """Qwen-Image MMDiT.  Call ``dit(x, timestep, context, context_mask=None, ref_latents=None, control=None)``.
 
-    Build on ``device="meta"`` and fill with :func:`models.weights.assign_weights` (see
-    :func:`models.dit_loader.load_diffusion_model`).
+    Build on ``device="meta"`` and fill with :func:`models.io.weights.assign_weights` (see
+    :func:`models.qwen_image.dit_loader.load_diffusion_model`).
     """
 
     def __init__(self, config: DiTConfig, compute_dtype: torch.dtype = torch.float32, ops=CastOps,

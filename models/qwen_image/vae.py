@@ -18,7 +18,7 @@ Public API::
     images = vae.decode(z)          # -> [B, H, W, 3] in 0..1
     vae.normalize(z), vae.denormalize(z)
 
-Large images are tiled (see :mod:`models.vae_tiling`): automatically when the untiled call would not fit in the
+Large images are tiled (see :mod:`models.common.tiling`): automatically when the untiled call would not fit in the
 free memory of the device or runs out of memory, or on request (``tiled=True``).  Only the convolutional part is
 tiled, with a context margin that covers its receptive field; the attention runs on the whole latent, so tiled
 results equal untiled ones up to float rounding (no seams).

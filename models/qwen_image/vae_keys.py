@@ -58,7 +58,7 @@ def _block_inside(rest: str, table: dict[str, str], name: str, layout: str) -> s
 def diffusers_to_wan(name: str, num_res_blocks: int = 2) -> str:
     """The original Wan 2.1 (ComfyUI) name of a diffusers ``AutoencoderKLQwenImage`` tensor name.
 
-    Raises :class:`~models.weights.WeightFileError` for a name that is not part of the diffusers VAE.
+    Raises :class:`~models.io.weights.WeightFileError` for a name that is not part of the diffusers VAE.
     """
     if name.startswith("quant_conv."):
         return "conv1." + name[len("quant_conv."):]

@@ -2,7 +2,7 @@
 
 Every function writes files a loader cannot tell apart from the real ones except by size: the same tensor names,
 the real topology (block structure, norms, biases, 3-D convs, the 152064-token vocabulary) with the small widths
-of :mod:`models.testing.configs`, the per-tensor dtypes of each variant, and the same container (one Comfy-Org
+of :mod:`tiny_models.configs`, the per-tensor dtypes of each variant, and the same container (one Comfy-Org
 ``.safetensors`` file, or a diffusers / transformers folder with ``config.json``, sharded weights and an index).
 
 Weights are random but sensible so parity tests mean something: Linear / conv weights have std

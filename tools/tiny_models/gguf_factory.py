@@ -6,12 +6,12 @@
 * :func:`make_full_size_dit_gguf`: a full-size (60 blocks, width 3072) file of random valid blocks, streamed to
   disk tensor by tensor (for open-time benchmarks).
 
-The float values are exactly those of :mod:`models.testing.factory` for the same seed (same generator per
+The float values are exactly those of :mod:`tiny_models.factory` for the same seed (same generator per
 tensor name), so a GGUF and a safetensors file of one seed hold the same model up to quantization.  The same
 seed gives identical bytes.
 
 K formats need rows that are multiples of 256: in :data:`TINY_DIT` almost no row qualifies (those tensors fall
-back to a legacy type, see :func:`models.gguf.quantize.fitting_type`); :data:`K_QUANT_DIT` is a tiny config whose
+back to a legacy type, see :func:`models.io.gguf.quantize.fitting_type`); :data:`K_QUANT_DIT` is a tiny config whose
 block Linears have 256-wide rows, so K formats really apply there.
 """
 
@@ -57,7 +57,7 @@ def make_dit_gguf(out_dir: str | os.PathLike, *, qtype: str = "Q8_0", seed: int 
 
     ``qtype``: a ggml type name (Q8_0, Q4_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16, ...) applied to every matrix
     (1-D tensors F32; rows that do not fit fall back), or a preset (Q4_K_M, Q5_K_M, Q4_K_S, ...) with the usual
-    Qwen-Image rules (:func:`models.gguf.quantize.dit_tensor_type`).
+    Qwen-Image rules (:func:`models.io.gguf.quantize.dit_tensor_type`).
     """
     config = dict(TINY_DIT if config is None else config)
     weights = _random_weights(_dit_spec(config), seed)

@@ -6,7 +6,7 @@ post_attention_layernorm}``, ``model.norm``, ``visual.patch_embed.proj``, ``visu
 attn.qkv, attn.proj, mlp.{gate,up,down}_proj}``, ``visual.merger.{ln_q, mlp.0, mlp.2}``.  There is no LM head:
 the condition is the post-final-norm last hidden state.
 
-All layers come from an operations namespace ``ops`` (see :mod:`models.ops`) so a host can supply its own.
+All layers come from an operations namespace ``ops`` (see :mod:`models.common.ops`) so a host can supply its own.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ class VisionTower(nn.Module):
     """Qwen2.5-VL vision transformer for one image at a time.
 
     Input: flattened patches ``[gh * gw, patch_dim]`` in the image processor's order (merge-window order, see
-    :mod:`models.vision_preprocess`) and the patch grid ``(gh, gw)``.  Output: ``[gh * gw / merge^2,
+    :mod:`models.encoders.vision_preprocess`) and the patch grid ``(gh, gw)``.  Output: ``[gh * gw / merge^2,
     out_hidden]`` merged tokens in the same (row-major over merge windows) order as the ``<|image_pad|>`` tokens.
 
     Inside, merge windows are reordered so every attention window (``window_size`` pixels square) is contiguous;
