@@ -2,7 +2,7 @@
 
 Run from the repository root with the project venv's python::
 
-    python bench/bench_gguf.py [--mb 64] [--parts 123]
+    python bench/bench_gguf.py [--mb 64] [--parts 1234]
 
 1. Dequantization: for each type, the same random valid blocks (``--mb`` MB of fp32 output) decoded by ours
    (torch) and by gguf-py (numpy) in this process; GB/s of fp32 output (best of a few runs each) and the ratio,
@@ -12,6 +12,8 @@ Run from the repository root with the project venv's python::
    a fresh process that opens it (ours, gguf-py) and that builds the model on it with load_diffusion_model.
 3. One denoising step of a tiny DiT (K_QUANT_DIT, 1024 image tokens) with Q8_0 and Q4_K weights against the same
    model in bf16 (all computing in bf16), with and without the modulation cache.
+4. The gguf-py fallback: one 3072x3072 weight of IQ2_XXS / IQ3_S / TQ1_0 (no torch kernel: gguf-py's numpy code on
+   the CPU) dequantized through ``dequantize`` against our torch Q4_K kernel on the same shape.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 import gguf  # noqa: E402  (the reference)
 
 from models.io.gguf import dequantize  # noqa: E402
+from models.io.gguf.dequant import GGUF_PY_TYPES  # noqa: E402
 from models.io.gguf.reader import QUANT_BLOCKS, GGMLType  # noqa: E402
 
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],
-              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
+              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0],
+              "IQ2_XXS": [0], "IQ3_S": [0], "TQ1_0": [52]}
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
          "F16", "BF16"]
 GOAL_TYPES = {"Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"}
@@ -201,10 +205,30 @@ def bench_step() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def bench_fallback() -> None:
+    shape = (3072, 3072)
+    threads = torch.get_num_threads()
+    print(f"\n== 4. gguf-py fallback vs the torch Q4_K kernel: one {shape[0]}x{shape[1]} weight, ms (best of 3); "
+          f"gguf-py/numpy is single-threaded, its chunks are copied out by torch")
+    print(f"{'type':8s} {'path':8s} {'fp32 1T':>8s} {'bf16 1T':>8s} {f'bf16 {threads}T':>8s} {'1T vs Q4_K':>11s}")
+    base = None
+    for qtype in ("Q4_K", "IQ2_XXS", "IQ3_S", "TQ1_0"):
+        raw = torch.from_numpy(random_rows(qtype, shape[0] * shape[1], shape[0]))
+        bf16 = best_time(lambda: dequantize(raw, GGMLType[qtype], shape, torch.bfloat16), 3)
+        torch.set_num_threads(1)
+        fp32_1t = best_time(lambda: dequantize(raw, GGMLType[qtype], shape), 3)
+        bf16_1t = best_time(lambda: dequantize(raw, GGMLType[qtype], shape, torch.bfloat16), 3)
+        torch.set_num_threads(threads)
+        base = base or bf16_1t
+        path = "gguf-py" if GGMLType[qtype] in GGUF_PY_TYPES else "torch"
+        print(f"{qtype:8s} {path:8s} {fp32_1t * 1e3:8.1f} {bf16_1t * 1e3:8.1f} {bf16 * 1e3:8.1f} "
+              f"{bf16_1t / base:10.1f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=64, help="MB of fp32 output per dequantized tensor")
-    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13 to skip the 13 GB file")
+    parser.add_argument("--parts", default="1234", help="which parts to run, e.g. 134 to skip the 13 GB file")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, numpy {np.__version__}")
     if "1" in args.parts:
@@ -213,6 +237,8 @@ def main() -> int:
         bench_open()
     if "3" in args.parts:
         bench_step()
+    if "4" in args.parts:
+        bench_fallback()
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import dequant as _dequant
-from .dequant import dequantize
+from .dequant import DEQUANTIZABLE_TYPES, dequantize
 from .layers import GGUFOps, QuantizedTensor
 from .names import Source, text_encoder_sources
 from .reader import GGMLType, GGUFError, GGUFReader, GGUFTensorInfo
@@ -41,15 +41,29 @@ TEXT_ARCHS = ("qwen2vl", "qwen2")
 _ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 
 
+def _refuse_undecodable(reader: GGUFReader, name: str) -> None:
+    """Fail when the file is opened, not at the first sampling step, if a tensor's type cannot be dequantized."""
+    qtype = reader.tensors[name].qtype
+    if qtype not in DEQUANTIZABLE_TYPES:
+        raise GGUFError(
+            f"{reader.path}: tensor '{name}' is stored as {qtype.name} (ggml type {int(qtype)}), which neither this "
+            f"pack nor the installed gguf package can dequantize. Re-download the model in a common quantization "
+            f"(e.g. a Q4_K_M, Q5_K_M or Q8_0 file), or update gguf (pip install -U gguf) if {qtype.name} is a "
+            f"newer format.")
+
+
 def load_gguf_state_dict(path: str | os.PathLike, dequantize: bool = True,
                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """All tensors of a GGUF file by their stored names, in torch-order shapes.
 
     ``dequantize=True``: every tensor is decoded to ``dtype`` (new memory).  ``dequantize=False``: quantized
     tensors become :class:`QuantizedTensor` (packed bytes, zero-copy over the file's read-only memory map) and
-    F32/F16/BF16 tensors are copied out as ordinary tensors in their stored dtype.
+    F32/F16/BF16 tensors are copied out as ordinary tensors in their stored dtype.  A tensor of a type that cannot
+    be dequantized (:data:`~models.io.gguf.dequant.DEQUANTIZABLE_TYPES`) is a :class:`GGUFError` before any is read.
     """
     reader = GGUFReader(path)
+    for name in reader.tensors:
+        _refuse_undecodable(reader, name)
     out: dict[str, torch.Tensor] = {}
     for name, info in reader.tensors.items():
         raw = reader.raw(name)
@@ -67,10 +81,14 @@ class GGUFCheckpoint(Mapping):
 
     ``sources`` maps each exposed name to the stored tensors it is made of (:class:`models.gguf.names.Source`;
     files are keys of ``readers``).  Packed tensors come back as zero-copy :class:`QuantizedTensor` views (rows of
-    same-type parts are concatenated as bytes); F32/F16/BF16 tensors are copied out in their stored dtype.
+    same-type parts are concatenated as bytes); F32/F16/BF16 tensors are copied out in their stored dtype.  A part
+    of a type that cannot be dequantized is a :class:`GGUFError` here, when the mapping is built.
     """
 
     def __init__(self, readers: dict[str, GGUFReader], sources: dict[str, Source], main: str, config=None):
+        for src in sources.values():
+            for file, name in src.parts:
+                _refuse_undecodable(readers[file], name)
         self.readers, self._sources = readers, sources
         self.source = readers[main].path
         self.metadata = readers[main].metadata

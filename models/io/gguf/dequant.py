@@ -5,6 +5,11 @@ float arithmetic in fp32 in the same order as ggml's ``dequantize_row_*`` refere
 ``(d * sc) * q - (dmin * m)``), so results are identical to gguf-py's numpy implementation bit for bit.  The
 fp32 result is cast to the requested dtype at the end.  Work is done in chunks of blocks so temporaries stay
 small (cache-friendly on CPU, bounded memory on GPU).
+
+Types without a torch kernel that gguf-py can decode (the IQ1/IQ2/IQ3 families, TQ1_0/TQ2_0, MXFP4, ...:
+:data:`GGUF_PY_TYPES`) go through ``gguf.quants.dequantize`` on the CPU, and the result is copied to the bytes'
+device in the requested dtype: correct everywhere, but slower than a torch kernel (IQ2_XXS / IQ3_S about
+10x Q4_K on one CPU thread, TQ1_0 about 2x: ``bench/bench_gguf.py --parts 4``).
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import gguf
+import numpy as np
 import torch
 
 from .reader import QUANT_BLOCKS, GGMLType, GGUFError, quantized_nbytes
 
-__all__ = ["dequantize", "DEQUANTIZABLE_TYPES", "IQ4_NL_VALUES"]
+__all__ = ["dequantize", "DEQUANTIZABLE_TYPES", "TORCH_TYPES", "GGUF_PY_TYPES", "IQ4_NL_VALUES"]
 
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _CPU_CHUNK_ELEMENTS = 1 << 18  # fp32 output per chunk on CPU (1 MiB): temporaries stay in cache
@@ -229,7 +236,32 @@ _KERNELS: dict[GGMLType, Callable[[_Workspace, torch.Tensor, torch.Tensor], torc
     GGMLType.Q5_K: _q5_k, GGMLType.Q6_K: _q6_k, GGMLType.IQ4_NL: _iq4_nl, GGMLType.IQ4_XS: _iq4_xs,
 }
 _FLOAT_TYPES = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
-DEQUANTIZABLE_TYPES = frozenset(_KERNELS) | frozenset(_FLOAT_TYPES)
+TORCH_TYPES = frozenset(_KERNELS) | frozenset(_FLOAT_TYPES)
+
+
+def _gguf_py_decodes(qtype: GGMLType) -> bool:
+    """Whether gguf-py can dequantize ``qtype``, asked with one zero block (its own type table is private)."""
+    try:
+        gguf.quants.dequantize(np.zeros((1, QUANT_BLOCKS[qtype][1]), np.uint8), qtype)
+    except Exception:  # NotImplementedError, or code that fails on a zero block and so cannot be trusted either
+        return False
+    return True
+
+
+GGUF_PY_TYPES = frozenset(t for t in QUANT_BLOCKS if t not in TORCH_TYPES and _gguf_py_decodes(t))
+DEQUANTIZABLE_TYPES = TORCH_TYPES | GGUF_PY_TYPES
+
+
+def _gguf_py(blocks: torch.Tensor, qtype: GGMLType, out: torch.Tensor) -> None:
+    """Decode ``blocks [n, type_size]`` into ``out [n, block]`` (any device and dtype) with gguf-py on the CPU, a
+    chunk at a time: its numpy temporaries stay small, and one call per chunk keeps its per-call overhead low."""
+    data = blocks.cpu().numpy()
+    block = out.shape[1]
+    chunk = max(1, _CPU_CHUNK_ELEMENTS // block)
+    with np.errstate(all="ignore"):  # inf/nan scales of a corrupt file decode to inf/nan, as in the torch kernels
+        for start in range(0, data.shape[0], chunk):
+            values = gguf.quants.dequantize(data[start:start + chunk].reshape(1, -1), qtype)
+            out[start:start + chunk].copy_(torch.from_numpy(values).view(-1, block))
 
 
 def dequantize(raw: torch.Tensor, qtype: GGMLType | int, shape: Sequence[int],
@@ -238,8 +270,9 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType | int, shape: Sequence[int],
 
     Returns new memory on ``raw``'s device (never a view of ``raw``), or writes into ``out`` (contiguous, ``dtype``,
     as many elements as ``shape``) and returns it reshaped: reusing a buffer avoids the page faults of fresh
-    memory, which cost more than the arithmetic on CPU.  Raises :class:`GGUFError` for a type this module cannot
-    dequantize or a byte count that does not match the shape.
+    memory, which cost more than the arithmetic on CPU.  :data:`GGUF_PY_TYPES` are decoded by gguf-py on the CPU
+    whatever the device.  Raises :class:`GGUFError` for a type outside :data:`DEQUANTIZABLE_TYPES` or a byte count
+    that does not match the shape.
     """
     qtype = GGMLType(qtype)
     shape = tuple(int(d) for d in shape)
@@ -268,6 +301,9 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType | int, shape: Sequence[int],
         out = torch.empty(n_blocks, block, dtype=dtype, device=raw.device)
     else:
         out = out.view(n_blocks, block)
+    if qtype in GGUF_PY_TYPES:
+        _gguf_py(blocks, qtype, out)
+        return out.reshape(shape)
     chunk_elements = _CPU_CHUNK_ELEMENTS if raw.device.type == "cpu" else _GPU_CHUNK_ELEMENTS
     chunk = max(1, chunk_elements // block)
     kernel = _KERNELS[qtype]

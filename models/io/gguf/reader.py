@@ -14,6 +14,8 @@ Layout (little-endian, versions 2 and 3)::
     padding to general.alignment (default 32), then the data section; tensor offsets are relative to it.
 
 ``ne`` is ggml order (fastest-varying dimension first); :class:`GGUFTensorInfo` shapes are in torch order.
+Type ids, block sizes and value types are the ``gguf`` package's (gguf-py) tables; a type id it does not know is
+refused here.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..weights import WeightFileError
 
@@ -41,73 +44,10 @@ class GGUFError(WeightFileError):
     """A GGUF file that is malformed, truncated, or not usable for what it was given to (a ValueError)."""
 
 
-class GGMLType(IntEnum):
-    """ggml tensor types (the ids stored in GGUF tensor infos)."""
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
-    TQ1_0 = 34
-    TQ2_0 = 35
-    MXFP4 = 39
-
-
-_QK_K = 256
-# type -> (elements per block, bytes per block), from ggml's type traits.
-QUANT_BLOCKS: dict[GGMLType, tuple[int, int]] = {
-    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.F64: (1, 8),
-    GGMLType.I8: (1, 1), GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8),
-    GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 20), GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24),
-    GGMLType.Q8_0: (32, 34), GGMLType.Q8_1: (32, 40), GGMLType.IQ4_NL: (32, 18), GGMLType.MXFP4: (32, 17),
-    GGMLType.Q2_K: (_QK_K, 84), GGMLType.Q3_K: (_QK_K, 110), GGMLType.Q4_K: (_QK_K, 144),
-    GGMLType.Q5_K: (_QK_K, 176), GGMLType.Q6_K: (_QK_K, 210), GGMLType.Q8_K: (_QK_K, 292),
-    GGMLType.IQ2_XXS: (_QK_K, 66), GGMLType.IQ2_XS: (_QK_K, 74), GGMLType.IQ3_XXS: (_QK_K, 98),
-    GGMLType.IQ1_S: (_QK_K, 50), GGMLType.IQ3_S: (_QK_K, 110), GGMLType.IQ2_S: (_QK_K, 82),
-    GGMLType.IQ4_XS: (_QK_K, 136), GGMLType.IQ1_M: (_QK_K, 56), GGMLType.TQ1_0: (_QK_K, 54),
-    GGMLType.TQ2_0: (_QK_K, 66),
-}
-
-
-class GGUFValueType(IntEnum):
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
+# Type ids, block sizes and value types are gguf-py's tables, so a type that gguf knows is one this reader knows.
+GGMLType = GGMLQuantizationType
+# type -> (elements per block, bytes per block); read-only so no caller can change gguf-py's own table.
+QUANT_BLOCKS: Mapping[GGMLType, tuple[int, int]] = MappingProxyType(GGML_QUANT_SIZES)
 
 
 # struct / numpy format characters of the scalar value types (little-endian)
@@ -391,10 +331,9 @@ class GGUFReader:
             if numel > _MAX_ELEMENTS:
                 self._fail(where, f"has an implausible shape {ne} ({numel}+ elements)")
         raw_type = cur.u32(where, "type")
-        try:
-            qtype = GGMLType(raw_type)
-        except ValueError:
+        if raw_type not in QUANT_BLOCKS:  # the keys are IntEnums, which hash and compare like their ids
             self._fail(where, f"has unknown ggml type {raw_type}")
+        qtype = GGMLType(raw_type)
         block, type_size = QUANT_BLOCKS[qtype]
         if ne[0] % block:
             self._fail(where, f"row length {ne[0]} is not a multiple of the {qtype.name} block size {block}")
