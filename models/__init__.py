@@ -10,9 +10,10 @@ model family (``qwen_image/``), and :mod:`models.registry`, which identifies any
 
 The public API (imported lazily, so ``import models`` is cheap)::
 
-    from models import identify, load_diffusion_model, load_vae, load_text_encoder
-    identify("qwen_image_vae.safetensors")   # FileIdentity(family='qwen_image', role='vae', layout='wan', ...)
+    from models import identify, load, load_diffusion_model, load_vae, load_text_encoder
+    identify("qwen_image_vae.safetensors")   # FileIdentity(family='qwen_image', role='vae', layout='comfy', ...)
     dit = load_diffusion_model(path, dtype=torch.bfloat16)
+    vae = load("qwen_image_vae.safetensors")  # any supported file, by what it is
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import importlib
 _EXPORTS = {
     # identifying and loading files
     "identify": ".registry",
+    "load": ".registry",
     "FileIdentity": ".registry",
     "WeightFileError": ".io.weights",
     "FLOAT8_DTYPES": ".io.weights",

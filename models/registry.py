@@ -14,6 +14,7 @@ foreign ones we recognise to say so (``flux``, ``sd3``, ``sdxl``, ``sd1``, ``sd`
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .io.weights import WeightFileError, open_checkpoint, tensor_shape
 
-__all__ = ["FileIdentity", "identify", "expect", "COMFY_DIT_PREFIX", "VAE_PREFIXES"]
+__all__ = ["FileIdentity", "identify", "expect", "refusal", "load", "COMFY_DIT_PREFIX", "VAE_PREFIXES"]
 
 COMFY_DIT_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("", "vae.", "first_stage_model.")
@@ -37,6 +38,16 @@ _LOADERS = {
     "model_patch": ("the DiffSynth control loader", "models/model_patches"),
     "lora": ("a LoRA loader", "models/loras"),
     "vision_projector": ("nothing on its own: put it next to its text-encoder GGUF", "models/text_encoders"),
+}
+
+
+# The library function that loads each supported (family, role).
+_LOAD_FUNCTIONS = {
+    ("qwen_image", "diffusion_model"): ("qwen_image.dit_loader", "load_diffusion_model"),
+    ("qwen_image", "vae"): ("qwen_image.vae", "load_vae"),
+    ("qwen_image", "text_encoder"): ("qwen_image.text_encoder", "load_text_encoder"),
+    ("qwen_image", "controlnet"): ("qwen_image.controlnet", "load_controlnet"),
+    ("qwen_image", "model_patch"): ("qwen_image.blockwise_control", "load_blockwise_control"),
 }
 
 
@@ -342,3 +353,14 @@ def refusal(source: str, identity: FileIdentity, expected: str, required: tuple[
 
         return GGUFError(message)
     return WeightFileError(message)
+
+
+def load(path: str | os.PathLike, **kwargs):
+    """Load any file the pack runs with the loader for what it is (``kwargs`` go to that loader: ``dtype``,
+    ``device``, ``ops`` ...); refuses other files naming what they are."""
+    identity = identify(path)
+    target = _LOAD_FUNCTIONS.get((identity.family, identity.role)) if identity.supported else None
+    if target is None:
+        raise refusal(str(path), identity, "a file this pack can load")
+    module = importlib.import_module(f"{__package__}.{target[0]}")
+    return getattr(module, target[1])(path, **kwargs)

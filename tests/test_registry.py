@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models import (WeightFileError, identify, load_blockwise_control, load_controlnet, load_diffusion_model,
+from models import (BlockwiseControl, QwenImageControlNet, QwenImageDiT, QwenImageVAE, TextEncoder, WeightFileError,
+                    identify, load, load_blockwise_control, load_controlnet, load_diffusion_model,
                     load_text_encoder, load_vae)
 from references import host_tokenizer_dir
 from tiny_models.configs import TINY_DIT
@@ -220,3 +221,19 @@ def test_wrong_file_messages_come_from_the_registry(root, loader):
             LOADERS[loader](path)
         message = str(error.value)
         assert identify(path).description in message and str(path) in message, (loader, kind, message)
+
+
+def test_load_dispatches_by_identity(root):
+    folder = root / "load"
+    folder.mkdir()
+    cases = [(WRONG_FILES["dit"](folder), QwenImageDiT), (WRONG_FILES["vae"](folder), QwenImageVAE),
+             (WRONG_FILES["controlnet"](folder), QwenImageControlNet),
+             (WRONG_FILES["blockwise"](folder), BlockwiseControl)]
+    for path, kind in cases:
+        assert isinstance(load(path), kind), path
+    assert isinstance(load(WRONG_FILES["text_encoder"](folder), tokenizer=host_tokenizer_dir()), TextEncoder)
+    for kind in ("layered", "flux"):
+        path = WRONG_FILES[kind](folder)
+        with pytest.raises(WeightFileError, match="not a file this pack can load") as error:
+            load(path)
+        assert identify(path).description in str(error.value)
