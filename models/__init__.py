@@ -46,6 +46,7 @@ _EXPORTS = {
     # latents, sampling and images
     "LatentSpec": ".common.latent_spec",
     "QWEN_IMAGE_LATENT": ".qwen_image.latent",
+    "ASPECT_PRESETS": ".qwen_image.latent",
     "QWEN_IMAGE_TEMPLATES": ".qwen_image.templates",
     "flow_sigmas": ".common.schedule",
     "finish_schedule": ".common.schedule",

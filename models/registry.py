@@ -90,19 +90,20 @@ def _header(source) -> tuple[_Header, str]:
         config = getattr(source, "config", None)
         return _Header(set(source), lambda n: tensor_shape(source, n), config if isinstance(config, dict) else None,
                        getattr(source, "arch", None)), str(getattr(source, "source", "<tensors>"))
-    path = Path(source)
-    if path.suffix.lower() == ".gguf":
-        from .io.gguf.reader import GGUFReader
+    from .io.gguf.reader import GGUFReader
 
-        reader = GGUFReader(path)
+    if isinstance(source, GGUFReader) or Path(source).suffix.lower() == ".gguf":
+        reader = source if isinstance(source, GGUFReader) else GGUFReader(source)
         return _Header(set(reader.tensors), lambda n: tuple(reader.tensors[n].shape), None,
-                       reader.arch or ""), str(path)
+                       reader.arch or ""), str(reader.path)
+    path = Path(source)
     checkpoint = open_checkpoint(path)
     return _Header(set(checkpoint), checkpoint.shape, checkpoint.config, None), str(path)
 
 
 def identify(source: str | os.PathLike | Mapping) -> FileIdentity:
-    """Identify a checkpoint (a file, a diffusers/HF folder, a ``.gguf`` or a ``name -> tensor`` mapping)."""
+    """Identify a checkpoint (a file, a diffusers/HF folder, a ``.gguf`` (or an open ``GGUFReader``) or a
+    ``name -> tensor`` mapping)."""
     header, _ = _header(source)
     return _classify(header)
 

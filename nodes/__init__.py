@@ -1,4 +1,8 @@
-"""The pack's nodes, gathered from one module per feature (see registry.py for the fail-soft loading)."""
+"""The pack's nodes, gathered from one module per feature (see registry.py for the fail-soft loading).
+
+A feature module imports only common.py (what all features share), the host adapters in host/ and the library's
+public API (``from ..models import``), never another feature: one broken feature takes only its own nodes with it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What every node module shares: the menu category and the node-id prefix that keeps our ids unique."""
+"""What every feature module shares: menu category, node-id prefix, custom type names and the inputs several
+nodes declare.  Standard library only, and nothing from a feature module, so no feature depends on another."""
 
 from __future__ import annotations
 
@@ -7,9 +8,29 @@ CATEGORY = "Qwen-Image"
 ID_PREFIX = "QIP_"
 DISPLAY_SUFFIX = " (Qwen-Image)"
 
+# Types that only our nodes produce and consume (the names are saved in workflows: never rename them).
+TEXT_ENCODER_TYPE = "QWEN_IMAGE_TEXT_ENCODER"
+BLOCKWISE_TYPE = "QWEN_IMAGE_BLOCKWISE_CONTROL"
+IMAGE_LIST_TYPE = "QIP_IMAGE_LIST"
+
+# The reference pipeline's default negative prompt: a single space, not an empty string.
+DEFAULT_NEGATIVE = " "
+
+# Choices of every loader's weight_dtype input; nodes/host/ops.py turns them into torch dtypes.
+AUTO_DTYPE = "auto"
+WEIGHT_DTYPES = (AUTO_DTYPE, "bf16", "fp16", "fp32")
+WEIGHT_DTYPE_TOOLTIP = ("Compute / storage precision. auto: bf16 on GPUs that support it, fp32 otherwise (fp16 "
+                        "overflows in Qwen-Image). fp8 and GGUF weights stay as stored and are upcast per layer.")
+
 
 def mappings(*node_classes: type) -> tuple[dict, dict]:
     """NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS for classes that define NODE_ID and DISPLAY_NAME."""
     classes = {ID_PREFIX + cls.NODE_ID: cls for cls in node_classes}
     display = {ID_PREFIX + cls.NODE_ID: cls.DISPLAY_NAME + DISPLAY_SUFFIX for cls in node_classes}
     return classes, display
+
+
+def weight_dtype_input() -> tuple:
+    """The weight_dtype input of the loaders."""
+    return (list(WEIGHT_DTYPES), {"default": AUTO_DTYPE, "tooltip": WEIGHT_DTYPE_TOOLTIP})
+

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from .common import CATEGORY, mappings
-from .loaders import TEXT_ENCODER_TYPE
-
-# The reference pipeline's default negative prompt: a single space, not an empty string.
-DEFAULT_NEGATIVE = " "
+from .common import CATEGORY, DEFAULT_NEGATIVE, TEXT_ENCODER_TYPE, mappings
 
 
 class TextEncode:

@@ -18,22 +18,21 @@ import comfy.controlnet
 import comfy.model_management as mm
 import comfy.model_patcher
 
-from ..models import (blockwise_inpaint_latent, controlnet_inpaint_latent, load_blockwise_control, load_controlnet,
-                      resize_images)
-from .common import CATEGORY, mappings
-from .host_model import BLOCKWISE_PATCHES, QwenImageLatentFormat, as_image_latent
-from .loaders import DTYPE_TOOLTIP, DTYPES, WEIGHT_EXTENSIONS, compute_dtype, host_ops
-from .model_files import list_models, resolve
+from ..models import (QWEN_IMAGE_LATENT, blockwise_inpaint_latent, controlnet_inpaint_latent, load_blockwise_control,
+                      load_controlnet, resize_images)
+from .common import BLOCKWISE_TYPE, CATEGORY, mappings, weight_dtype_input
+from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, model_input, resolve
+from .host.model import BLOCKWISE_PATCHES, QwenImageLatentFormat, as_image_latent
+from .host.ops import compute_dtype, host_ops
 
 logger = logging.getLogger("qwen_image")
-BLOCKWISE_TYPE = "QWEN_IMAGE_BLOCKWISE_CONTROL"
-SPATIAL_FACTOR = 8
 
 
 def _encode_control(vae, image: torch.Tensor, latent: torch.Tensor, black_out: torch.Tensor | None = None):
     """The normalized VAE latent of ``image`` stretched to the target latent's pixel size (as the reference
     pipelines resize control images), keeping whatever models the sampler had loaded."""
-    height, width = latent.shape[-2] * SPATIAL_FACTOR, latent.shape[-1] * SPATIAL_FACTOR
+    factor = QWEN_IMAGE_LATENT.spatial_factor
+    height, width = latent.shape[-2] * factor, latent.shape[-1] * factor
     pixels = resize_images(image[..., :3].float(), width, height)
     if black_out is not None:  # the inpainting ControlNet sees the repainted area as black
         keep = F.interpolate(black_out[:, None].float(), size=(height, width))[:, 0, ..., None] <= 0.5
@@ -41,7 +40,7 @@ def _encode_control(vae, image: torch.Tensor, latent: torch.Tensor, black_out: t
     loaded = mm.loaded_models(only_currently_used=True)
     raw = vae.encode(pixels)
     mm.load_models_gpu(loaded)
-    return QwenImageLatentFormat().process_in(as_image_latent(raw)).to(latent.device)
+    return QWEN_IMAGE_LATENT.normalize(as_image_latent(raw)).to(latent.device)
 
 
 class QwenImageControl(comfy.controlnet.ControlBase):
@@ -117,7 +116,7 @@ class BlockwisePatch:
         self._shape: tuple | None = None
 
     def for_latent(self, latent: torch.Tensor):
-        """The DiT ``block_patches`` entry for a target latent ``[B,16,h,w]``."""
+        """The DiT ``block_patches`` entry for a target latent ``[B,C,h,w]``."""
         control = self.patcher.model
         if self._tokens is None or self._shape != latent.shape[-2:]:
             encoded = _encode_control(self.vae, self.image, latent)
@@ -152,9 +151,10 @@ class ControlNetLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "control_net_name": (list_models("controlnet", "controlnet", WEIGHT_EXTENSIONS), {
-                "tooltip": "A file or folder in models/controlnet, e.g. Qwen-Image-InstantX-ControlNet-Union."}),
-            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "control_net_name": model_input("controlnet", "controlnet", WEIGHT_EXTENSIONS,
+                                            "A file or folder in models/controlnet, e.g. "
+                                            "Qwen-Image-InstantX-ControlNet-Union."),
+            "weight_dtype": weight_dtype_input(),
         }}
 
     def load(self, control_net_name: str, weight_dtype: str):
@@ -238,9 +238,10 @@ class BlockwiseControlLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "patch_name": (list_models("model_patches", "model_patches", (".safetensors", ".sft")), {
-                "tooltip": "e.g. qwen_image_canny_diffsynth_controlnet.safetensors in models/model_patches."}),
-            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "patch_name": model_input("model_patches", "model_patches", SAFETENSORS_EXTENSIONS,
+                                      "e.g. qwen_image_canny_diffsynth_controlnet.safetensors in "
+                                      "models/model_patches."),
+            "weight_dtype": weight_dtype_input(),
         }}
 
     def load(self, patch_name: str, weight_dtype: str):

@@ -13,12 +13,9 @@ import torch
 
 import comfy.model_management as mm
 
-from ..models import QWEN_IMAGE_LATENT, EDIT_PLUS_VL_AREA, REFERENCE_AREA, policy_size, resize_images, resize_mask
-from .common import CATEGORY, mappings
-from .conditioning import DEFAULT_NEGATIVE
-from .loaders import TEXT_ENCODER_TYPE
+from ..models import EDIT_PLUS_VL_AREA, QWEN_IMAGE_LATENT, REFERENCE_AREA, policy_size, resize_images, resize_mask
+from .common import CATEGORY, DEFAULT_NEGATIVE, IMAGE_LIST_TYPE, TEXT_ENCODER_TYPE, mappings
 
-IMAGE_LIST_TYPE = "QIP_IMAGE_LIST"
 MODE_EDIT = "Qwen-Image-Edit (one image)"
 MODE_EDIT_PLUS = "Qwen-Image-Edit-2509 / 2511 (one or more images)"
 AREAS = {"1024x1024 (reference)": REFERENCE_AREA, "native (the input's own size)": None,
@@ -29,7 +26,9 @@ LATENT_FROM = ("last image", "first image")
 
 AREA_TOOLTIP = ("Pixel area every image is scaled to, aspect kept, sides multiples of the size multiple. "
                 "'native' keeps each image's own area (only rounding).")
-MULTIPLE_TOOLTIP = "Every side is a multiple of this (32 like the reference; must be a multiple of 16)."
+# Sizes are whole DiT tokens: the size multiple is a multiple of one token's side in pixels.
+SIZE_STEP = QWEN_IMAGE_LATENT.pixel_multiple
+MULTIPLE_TOOLTIP = f"Every side is a multiple of this (32 like the reference; must be a multiple of {SIZE_STEP})."
 
 
 def _image_list(image: torch.Tensor, more: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -49,12 +48,15 @@ def _target_latent(reference: torch.Tensor, vae=None, mask: torch.Tensor | None 
     Without a mask: zeros.  With a mask: the reference's own latent plus a noise mask, so the host's samplers
     blend the outside back in at every step and only the masked area is edited.
     """
-    width, height = QWEN_IMAGE_LATENT.latent_size(reference.shape[2], reference.shape[1])
     if mask is None:
-        return {"samples": torch.zeros([1, 16, 1, height, width], device=mm.intermediate_device())}
+        return {"samples": QWEN_IMAGE_LATENT.empty(1, reference.shape[2], reference.shape[1], mm.intermediate_device())}
     if vae is None:
         raise ValueError("a mask needs the VAE (the unmasked area is kept from the image's latent)")
-    return {"samples": vae.encode(reference), "noise_mask": resize_mask(mask, width, height)[:1, None, None]}
+    samples = vae.encode(reference)
+    width, height = QWEN_IMAGE_LATENT.latent_size(reference.shape[2], reference.shape[1])
+    # one mask for the batch, on the latent grid, with the samples' axes: [1, 1, (frame,) height, width]
+    noise_mask = resize_mask(mask, width, height)[:1].reshape(1, 1, *samples.shape[2:])
+    return {"samples": samples, "noise_mask": noise_mask}
 
 
 class EditEncode:
@@ -92,7 +94,7 @@ class EditEncode:
                 "vl_area": ([VL_SAME, VL_EDIT_PLUS], {
                     "tooltip": "Size of the images Qwen2.5-VL sees. 'same' keeps every branch on one size; the "
                                "Edit-2509 pipeline uses 384x384 for several images."}),
-                "size_multiple": ("INT", {"default": 32, "min": 16, "max": 128, "step": 16,
+                "size_multiple": ("INT", {"default": 32, "min": SIZE_STEP, "max": 128, "step": SIZE_STEP,
                                           "tooltip": MULTIPLE_TOOLTIP}),
                 "latent_from": (list(LATENT_FROM), {
                     "tooltip": "Which image's grid the output latent takes (the reference uses the last)."}),
@@ -146,7 +148,7 @@ class EditLatent:
             "required": {
                 "image": ("IMAGE", {"tooltip": "The reference image whose grid the output takes (first of a batch)."}),
                 "area": (list(AREAS), {"default": "1024x1024 (reference)", "tooltip": AREA_TOOLTIP}),
-                "size_multiple": ("INT", {"default": 32, "min": 16, "max": 128, "step": 16,
+                "size_multiple": ("INT", {"default": 32, "min": SIZE_STEP, "max": 128, "step": SIZE_STEP,
                                           "tooltip": MULTIPLE_TOOLTIP}),
             },
             "optional": {

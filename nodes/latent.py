@@ -1,27 +1,14 @@
-"""Empty latents on the Qwen-Image grid: the official aspect presets or a free size, multiples of 16 pixels."""
+"""Empty latents on the Qwen-Image grid: the official aspect presets or a free size in whole DiT tokens."""
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 
+from ..models import ASPECT_PRESETS, QWEN_IMAGE_LATENT
 from .common import CATEGORY, mappings
 
-LATENT_CHANNELS = 16
-VAE_FACTOR = 8
-# A pixel side must be a multiple of the VAE factor times the DiT's 2x2 patch.
-SIZE_STEP = VAE_FACTOR * 2
-# The official Qwen-Image aspect buckets (width x height).
-ASPECT_PRESETS: dict[str, tuple[int, int]] = {
-    "1328x1328 (1:1)": (1328, 1328),
-    "1664x928 (16:9)": (1664, 928),
-    "928x1664 (9:16)": (928, 1664),
-    "1472x1104 (4:3)": (1472, 1104),
-    "1104x1472 (3:4)": (1104, 1472),
-    "1584x1056 (3:2)": (1584, 1056),
-    "1056x1584 (2:3)": (1056, 1584),
-}
+# A pixel side must cover whole DiT tokens (the VAE factor times the DiT's patch).
+SIZE_STEP = QWEN_IMAGE_LATENT.pixel_multiple
 CUSTOM = "custom (width x height below)"
 
 
@@ -31,7 +18,8 @@ class EmptyLatent:
     CATEGORY = CATEGORY
     FUNCTION = "generate"
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("An all-zero latent batch (raw VAE space, 16 channels) on the Qwen-Image grid.",)
+    OUTPUT_TOOLTIPS = (f"An all-zero latent batch (raw VAE space, {QWEN_IMAGE_LATENT.channels} channels) on the "
+                       "Qwen-Image grid.",)
     DESCRIPTION = "Makes the empty latent to sample into, at an official Qwen-Image aspect preset or a custom size."
 
     @classmethod
@@ -42,9 +30,9 @@ class EmptyLatent:
                 "tooltip": "An official Qwen-Image resolution (about 1.76 megapixels), or 'custom' to use the "
                            "width and height below."}),
             "width": ("INT", {"default": 1024, "min": SIZE_STEP, "max": 8192, "step": SIZE_STEP,
-                              "tooltip": "Width in pixels when the preset is 'custom'; a multiple of 16."}),
+                              "tooltip": f"Width in pixels when the preset is 'custom'; a multiple of {SIZE_STEP}."}),
             "height": ("INT", {"default": 1024, "min": SIZE_STEP, "max": 8192, "step": SIZE_STEP,
-                               "tooltip": "Height in pixels when the preset is 'custom'; a multiple of 16."}),
+                               "tooltip": f"Height in pixels when the preset is 'custom'; a multiple of {SIZE_STEP}."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "How many images to generate at once."}),
         }}
@@ -55,8 +43,7 @@ class EmptyLatent:
         if width % SIZE_STEP or height % SIZE_STEP:
             raise ValueError(f"Qwen-Image needs sides that are multiples of {SIZE_STEP} pixels; got {width}x{height}. "
                              f"Try {round(width / SIZE_STEP) * SIZE_STEP}x{round(height / SIZE_STEP) * SIZE_STEP}.")
-        samples = torch.zeros([batch_size, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR],
-                              device=comfy.model_management.intermediate_device())
+        samples = QWEN_IMAGE_LATENT.empty(batch_size, width, height, comfy.model_management.intermediate_device())
         return ({"samples": samples},)
 
 

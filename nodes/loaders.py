@@ -8,58 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-
-import torch
 
 import comfy.model_management as mm
 import comfy.ops
 
-from ..models import FLOAT8_DTYPES, load_diffusion_model, load_text_encoder, load_vae, open_checkpoint
-from .common import CATEGORY, mappings
-from .host_components import HostTextEncoder, HostVAE
-from .host_model import HostGGUFOps, HostQwenImageDiT, wrap_diffusion_model
-from .model_files import list_models, register_gguf_extension, resolve
+from ..models import FLOAT8_DTYPES, load_diffusion_model, load_text_encoder, load_vae
+from .common import CATEGORY, TEXT_ENCODER_TYPE, mappings, weight_dtype_input
+from .host.components import HostTextEncoder, HostVAE, host_tokenizer_dir
+from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, model_input, resolve
+from .host.model import HostQwenImageDiT, wrap_diffusion_model
+from .host.ops import compute_dtype, host_ops
 
 logger = logging.getLogger("qwen_image")
-register_gguf_extension()
-
-WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf")
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_TOOLTIP = ("Compute / storage precision. auto: bf16 on GPUs that support it, fp32 otherwise (fp16 "
-                 "overflows in Qwen-Image). fp8 and GGUF weights stay as stored and are upcast per layer.")
-TEXT_ENCODER_TYPE = "QWEN_IMAGE_TEXT_ENCODER"
 ZERO_COND = {"auto (from the file)": None, "on (Edit-2511)": True, "off": False}
-
-
-def _host_tokenizer_dir() -> str:
-    # Every ComfyUI that supports Qwen ships the tokenizer files here (tokenizer data is never bundled with us).
-    return os.path.join(os.path.dirname(comfy.ops.__file__), "text_encoders", "qwen25_tokenizer")
-
-
-def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if DTYPES[choice] is not None:
-        return DTYPES[choice]
-    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
-
-
-def host_ops(path: str, compute: torch.dtype):
-    """The layer classes for a file, so the host's casting, offloading and weight patches (LoRA) apply, and the
-    dtype the weights are stored in."""
-    if path.lower().endswith(".gguf"):
-        return HostGGUFOps, None  # quantized layers the host's ModelPatcher can patch
-    checkpoint = open_checkpoint(path)  # header only
-    stored = next((checkpoint.dtype(n) for n in checkpoint if n.endswith(("attn.to_q.weight", "q_proj.weight"))),
-                  compute)
-    if any(name.endswith(".scale_weight") for name in checkpoint):
-        scaled_ops = getattr(comfy.ops, "scaled_fp8_ops", None)
-        if scaled_ops is None:
-            logger.warning("Qwen-Image: this ComfyUI has no scaled_fp8_ops; scaled fp8 runs without host casting")
-            return None, stored
-        return scaled_ops(fp8_matrix_mult=False, scale_input=False, override_dtype=stored), stored
-    if stored in FLOAT8_DTYPES:
-        return comfy.ops.manual_cast, stored
-    return comfy.ops.disable_weight_init, compute
 
 
 class DiffusionModelLoader:
@@ -75,9 +36,9 @@ class DiffusionModelLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model_name": (list_models("diffusion_models", "transformer", WEIGHT_EXTENSIONS), {
-                "tooltip": "A file or diffusers folder in models/diffusion_models (or models/unet)."}),
-            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "model_name": model_input("diffusion_models", "transformer", WEIGHT_EXTENSIONS,
+                                      "A file or diffusers folder in models/diffusion_models (or models/unet)."),
+            "weight_dtype": weight_dtype_input(),
             "edit_2511": (list(ZERO_COND), {
                 "tooltip": "Edit-2511 modulates the reference images with t = 0 (zero_cond_t). Detected from the "
                            "file (Comfy-Org marker or diffusers config); force it for files that lack the marker."}),
@@ -111,10 +72,10 @@ class TextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "text_encoder_name": (list_models("text_encoders", "text_encoder", WEIGHT_EXTENSIONS), {
-                "tooltip": "A file or HF folder in models/text_encoders (or models/clip), e.g. "
-                           "qwen_2.5_vl_7b.safetensors."}),
-            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "text_encoder_name": model_input("text_encoders", "text_encoder", WEIGHT_EXTENSIONS,
+                                             "A file or HF folder in models/text_encoders (or models/clip), e.g. "
+                                             "qwen_2.5_vl_7b.safetensors."),
+            "weight_dtype": weight_dtype_input(),
         }}
 
     def load(self, text_encoder_name: str, weight_dtype: str):
@@ -122,7 +83,7 @@ class TextEncoderLoader:
         load_device = mm.text_encoder_device()
         compute = compute_dtype(weight_dtype, load_device)
         encoder = load_text_encoder(path, dtype=compute, device=mm.text_encoder_offload_device(),
-                                    ops=host_ops(path, compute)[0], host_tokenizer_dirs=[_host_tokenizer_dir()])
+                                    ops=host_ops(path, compute)[0], host_tokenizer_dirs=[host_tokenizer_dir()])
         logger.info("Qwen-Image text encoder: %s (%s, vision tower: %s)", text_encoder_name, compute,
                     "yes" if encoder.has_vision else "no")
         return (HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device()),)
@@ -140,9 +101,9 @@ class VAELoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "vae_name": (list_models("vae", "vae", (".safetensors", ".sft")), {
-                "tooltip": "A file or diffusers folder in models/vae, e.g. qwen_image_vae.safetensors."}),
-            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "vae_name": model_input("vae", "vae", SAFETENSORS_EXTENSIONS,
+                                    "A file or diffusers folder in models/vae, e.g. qwen_image_vae.safetensors."),
+            "weight_dtype": weight_dtype_input(),
         }}
 
     def load(self, vae_name: str, weight_dtype: str):

@@ -4,7 +4,7 @@
   exponential shift from the latent's size, last sigma stretched to 0.02.
 * Qwen-Image Sampling Shift (MODEL): sets the shift the host's KSampler schedulers use, from a resolution or by hand.
 * Qwen-Image True CFG (MODEL): the reference's CFG with per-token norm-preserving rescale.  The host's CFGNorm is
-  different maths (norms of denoised images over 16 channels per pixel, clamped to <= 1) - see the README.
+  different maths (norms of denoised images over the channels of each pixel, clamped to <= 1) - see the README.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..models import (QWEN_IMAGE_LATENT, TERMINAL_SIGMA, finish_schedule, flow_s
 from .common import CATEGORY, mappings
 
 SHIFT_FROM_RESOLUTION = "from the latent's resolution"
+SIZE_STEP = QWEN_IMAGE_LATENT.pixel_multiple
 SHIFT_FROM_MODEL = "the model's current shift"
 
 
@@ -85,9 +86,9 @@ class SamplingShift:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The Qwen-Image model to patch."}),
-            "width": ("INT", {"default": 1328, "min": 16, "max": 8192, "step": 16,
+            "width": ("INT", {"default": 1328, "min": SIZE_STEP, "max": 8192, "step": SIZE_STEP,
                               "tooltip": "Image width the shift is computed for (ignored when shift > 0)."}),
-            "height": ("INT", {"default": 1328, "min": 16, "max": 8192, "step": 16,
+            "height": ("INT", {"default": 1328, "min": SIZE_STEP, "max": 8192, "step": SIZE_STEP,
                                "tooltip": "Image height the shift is computed for (ignored when shift > 0)."}),
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                 "tooltip": "0: the reference shift for width x height (0.5 at 256x256 up to 0.9 "
@@ -95,7 +96,8 @@ class SamplingShift:
         }}
 
     def patch(self, model, width: int, height: int, shift: float):
-        mu = shift if shift > 0 else resolution_shift(QWEN_IMAGE_LATENT.image_tokens(height // 8, width // 8))
+        factor = QWEN_IMAGE_LATENT.spatial_factor
+        mu = shift if shift > 0 else resolution_shift(QWEN_IMAGE_LATENT.image_tokens(height // factor, width // factor))
         sampling = comfy.model_sampling.ModelSamplingFlux()
         sampling.set_parameters(shift=mu)
         patched = model.clone()
@@ -122,7 +124,7 @@ class TrueCFG:
     def patch(self, model):
         def guidance(args: dict):
             # args["cond"] / ["uncond"] are sigma * velocity; the rescale is invariant to that common factor.
-            return norm_preserving_cfg(args["cond"], args["uncond"], args["cond_scale"])
+            return norm_preserving_cfg(args["cond"], args["uncond"], args["cond_scale"], QWEN_IMAGE_LATENT.patch_size)
 
         patched = model.clone()
         patched.set_model_sampler_cfg_function(guidance)

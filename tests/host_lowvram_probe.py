@@ -26,8 +26,9 @@ def main() -> None:
     pack = importlib.util.module_from_spec(spec)
     sys.modules["qip"] = pack
     spec.loader.exec_module(pack)
-    from qip.models.qwen_image.dit_loader import load_diffusion_model
-    from qip.nodes.host_model import HostGGUFOps, HostQwenImageDiT, wrap_diffusion_model
+    from qip.models import load_diffusion_model
+    from qip.nodes.host.model import HostQwenImageDiT, wrap_diffusion_model
+    from qip.nodes.host.ops import HostGGUFOps
 
     ops = HostGGUFOps if dit_file.endswith(".gguf") else comfy.ops.disable_weight_init
     dit = load_diffusion_model(dit_file, dtype=torch.float32, ops=ops, model_class=HostQwenImageDiT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..common.latent_spec import LatentSpec
 
-__all__ = ["QWEN_IMAGE_LATENT"]
+__all__ = ["QWEN_IMAGE_LATENT", "ASPECT_PRESETS"]
 
 QWEN_IMAGE_LATENT = LatentSpec(
     family="qwen_image",
@@ -19,3 +19,14 @@ QWEN_IMAGE_LATENT = LatentSpec(
     host_format="Wan21",
     frame_axis=True,
 )
+
+# The official Qwen-Image aspect buckets (width x height), about 1.76 megapixels each.
+ASPECT_PRESETS: dict[str, tuple[int, int]] = {
+    "1328x1328 (1:1)": (1328, 1328),
+    "1664x928 (16:9)": (1664, 928),
+    "928x1664 (9:16)": (928, 1664),
+    "1472x1104 (4:3)": (1472, 1104),
+    "1104x1472 (3:4)": (1104, 1472),
+    "1584x1056 (3:2)": (1584, 1056),
+    "1056x1584 (2:3)": (1056, 1584),
+}

@@ -2,16 +2,16 @@
 
 Public entry points::
 
-    from models.gguf import GGUFError, load_gguf_state_dict
+    from models.io.gguf import GGUFError, load_gguf_state_dict
     sd = load_gguf_state_dict(path, dequantize=True, dtype=torch.float32)  # names as stored, torch-order shapes
 
     tensors, ops = open_dit_gguf(path)               # lazy mapping (QuantizedTensor values) + GGUFOps
     tensors, tokenizer = open_text_encoder_gguf(path)  # llama.cpp text GGUF + its mmproj, under our names
 
-The mappings behave like :class:`models.weights.SafetensorsCheckpoint`: ``name -> tensor`` on access,
+The mappings behave like :class:`models.io.weights.SafetensorsCheckpoint`: ``name -> tensor`` on access,
 ``shape(name)`` (logical torch-order shape), ``dtype(name)`` (``torch.uint8`` for packed tensors),
-``metadata``, ``arch`` and ``config``, so :func:`models.weights.assign_weights` fills a meta-built model with
-packed weights that :class:`~models.gguf.layers.GGUFOps` layers dequantize just in time.
+``metadata``, ``arch`` and ``config``, so :func:`models.io.weights.assign_weights` fills a meta-built model with
+packed weights that :class:`~models.io.gguf.layers.GGUFOps` layers dequantize just in time.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def load_gguf_state_dict(path: str | os.PathLike, dequantize: bool = True,
 class GGUFCheckpoint(Mapping):
     """Lazy ``name -> tensor`` view over one or more GGUF files (see the module docstring).
 
-    ``sources`` maps each exposed name to the stored tensors it is made of (:class:`models.gguf.names.Source`;
+    ``sources`` maps each exposed name to the stored tensors it is made of (:class:`models.io.gguf.names.Source`;
     files are keys of ``readers``).  Packed tensors come back as zero-copy :class:`QuantizedTensor` views (rows of
     same-type parts are concatenated as bytes); F32/F16/BF16 tensors are copied out in their stored dtype.  A part
     of a type that cannot be dequantized is a :class:`GGUFError` here, when the mapping is built.
@@ -156,15 +156,12 @@ class GGUFCheckpoint(Mapping):
 
 
 def _check_arch(reader: GGUFReader, expected: tuple[str, ...], what: str) -> None:
-    arch = reader.arch
-    if arch is None or arch in expected:
+    """Refuse a GGUF of another architecture, naming what it holds (the registry's words)."""
+    if reader.arch is None or reader.arch in expected:
         return
-    hint = {"qwen_image": "a Qwen-Image diffusion model (load it with the diffusion model loader)",
-            "qwen2vl": "a Qwen2.5-VL text encoder (load it with the text encoder loader)",
-            "clip": "a vision projector (mmproj); it belongs next to the text encoder GGUF"}.get(
-        arch, f"a '{arch}' model")
-    raise GGUFError(f"{reader.path}: this GGUF holds {hint}, not {what} (expected architecture "
-                    f"{' or '.join(repr(a) for a in expected)}).")
+    from ...registry import identify, refusal  # the registry reads GGUF headers through this package
+
+    raise refusal(str(reader.path), identify(reader), what, gguf=True)
 
 
 def open_dit_gguf(path: str | os.PathLike) -> tuple[GGUFCheckpoint, type[GGUFOps]]:
@@ -213,7 +210,7 @@ def find_mmproj(text_path: str | os.PathLike, hidden_size: int | None = None) ->
 
 
 def tokenizer_from_gguf(metadata: Mapping):
-    """A :class:`models.tokenizer.QwenTokenizer` from GGUF tokenizer metadata, or None if the file has none."""
+    """A :class:`models.encoders.tokenizer.QwenTokenizer` from GGUF tokenizer metadata, or None if the file has none."""
     tokens = metadata.get("tokenizer.ggml.tokens")
     merges = metadata.get("tokenizer.ggml.merges")
     if tokens is None or merges is None:

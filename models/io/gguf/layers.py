@@ -5,7 +5,7 @@ A :class:`QuantizedTensor` is a ``uint8`` tensor of packed ggml blocks that also
 ``copy.deepcopy`` and ``state_dict()`` all keep it a QuantizedTensor; a ``.to(float dtype)`` only moves the
 device (the bytes are not numbers).  Every other torch operation sees plain bytes.
 
-:class:`GGUFOps` has the class names and constructor signatures of :class:`models.ops.CastOps`.  A layer whose
+:class:`GGUFOps` has the class names and constructor signatures of :class:`models.common.ops.CastOps`.  A layer whose
 weight is a QuantizedTensor moves the packed bytes to the input's device and dequantizes them there, in the
 input's dtype, at each call ("just in time"); F32/F16/BF16 weights behave exactly like CastOps.  Two caches
 trade memory for time and are visible in :func:`memory_report`:
@@ -192,7 +192,7 @@ class _GGUFLayer:
 
 
 class GGUFOps:
-    """Operations namespace (same names and signatures as :class:`models.ops.CastOps`) for GGUF weights."""
+    """Operations namespace (same names and signatures as :class:`models.common.ops.CastOps`) for GGUF weights."""
 
     class Linear(_GGUFLayer, CastOps.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@
   scales exactly as stored, so what a reader decodes is what was optimised.
 * F32 / F16 / BF16: plain casts (round to nearest even).
 
-:func:`quantize` returns the stored bytes ``uint8 [*shape[:-1], row_bytes]`` (see :mod:`models.gguf.writer`).
+:func:`quantize` returns the stored bytes ``uint8 [*shape[:-1], row_bytes]`` (see :mod:`models.io.gguf.writer`).
 """
 
 from __future__ import annotations

@@ -27,38 +27,39 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
 
-from ..models import QWEN_IMAGE_LATENT, GGUFOps, QuantizedTensor, QwenImageDiT, resolution_shift
+from ...models import QWEN_IMAGE_LATENT, QuantizedTensor, QwenImageDiT, resolution_shift
+from .ops import HostPatchable
 
 logger = logging.getLogger("qwen_image")
 
 # transformer_options["patches"] entry under which DiffSynth blockwise controls reach the DiT (nodes/control.py).
 BLOCKWISE_PATCHES = "qip_blockwise"
 
-# The model's default sampling: the reference's exponential shift for the 1328x1328 preset (166x166 latent).
+
+def _shift_for(width: int, height: int) -> float:
+    latent_width, latent_height = QWEN_IMAGE_LATENT.latent_size(width, height)
+    return resolution_shift(QWEN_IMAGE_LATENT.image_tokens(latent_height, latent_width))
+
+
+# The model's default sampling: the reference's exponential shift for the 1328x1328 preset.
 # Resolution-exact schedules come from the Qwen-Image Scheduler / Sampling Shift nodes.
-DEFAULT_SHIFT = resolution_shift(QWEN_IMAGE_LATENT.image_tokens(166, 166))
+DEFAULT_SHIFT = _shift_for(1328, 1328)
 
 
-class QwenImageLatentFormat(comfy.latent_formats.Wan21):
-    """The Wan-2.1 latent statistics Qwen-Image uses, for 4-D ``[B,16,H,W]`` and 5-D ``[B,16,1,H,W]`` latents.
+class QwenImageLatentFormat(getattr(comfy.latent_formats, QWEN_IMAGE_LATENT.host_format)):
+    """The host's latent format with Qwen-Image's statistics, for 4-D ``[B,C,H,W]`` and 5-D ``[B,C,1,H,W]`` latents.
 
-    Subclasses the host's Wan21 format (so previews and host nodes that check for it keep working) and only makes
-    the normalisation follow the latent's rank.
+    Subclasses the host's own format of these statistics (so previews and host nodes that check for it keep
+    working); the normalisation is the library's, which follows the latent's rank.
     """
 
-    def _stats(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.latent_channels) + (1,) * (latent.ndim - 2)
-        mean = self.latents_mean.reshape(shape).to(latent.device, latent.dtype)
-        std = self.latents_std.reshape(shape).to(latent.device, latent.dtype)
-        return mean, std
+    latent_channels = QWEN_IMAGE_LATENT.channels
 
     def process_in(self, latent: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(latent)
-        return (latent - mean) * self.scale_factor / std
+        return QWEN_IMAGE_LATENT.normalize(latent)
 
     def process_out(self, latent: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(latent)
-        return latent * std / self.scale_factor + mean
+        return QWEN_IMAGE_LATENT.denormalize(latent)
 
 
 _warned: set[str] = set()
@@ -72,16 +73,17 @@ def _warn_unhandled(kinds: set[str]) -> None:
                        "the pack's own control nodes (Qwen-Image DiffSynth Control Apply, ControlNet Apply).", kind)
 
 
-def _pad_even(latent: torch.Tensor) -> torch.Tensor:
-    """Pad odd latent sides by one row/column of edge replication (never wrap-around copies of the far edge)."""
-    pad_h, pad_w = latent.shape[-2] % 2, latent.shape[-1] % 2
+def _pad_to_patches(latent: torch.Tensor) -> torch.Tensor:
+    """Pad latent sides to whole DiT patches by edge replication (never wrap-around copies of the far edge)."""
+    patch = QWEN_IMAGE_LATENT.patch_size
+    pad_h, pad_w = -latent.shape[-2] % patch, -latent.shape[-1] % patch
     if not (pad_h or pad_w):
         return latent
     return F.pad(latent, (0, pad_w, 0, pad_h), mode="replicate")
 
 
 def as_image_latent(latent: torch.Tensor) -> torch.Tensor:
-    """``[B,16,H,W]`` from the host's 4-D or single-frame 5-D latent."""
+    """``[B,C,H,W]`` from the host's 4-D or single-frame 5-D latent."""
     if latent.ndim == 5:
         if latent.shape[2] != 1:
             raise ValueError(f"Qwen-Image works on single images, got a latent with {latent.shape[2]} frames")
@@ -102,17 +104,20 @@ class HostQwenImageDiT(QwenImageDiT):
         frames = x.ndim == 5
         latent = as_image_latent(x)
         height, width = latent.shape[-2:]
-        refs = [_pad_even(as_image_latent(r)) for r in ref_latents] if ref_latents else None
+        refs = [_pad_to_patches(as_image_latent(r)) for r in ref_latents] if ref_latents else None
         # ControlNet residuals (the host's control dict, summed over chained controls) and blockwise patches.
         residuals = control.get("input") if isinstance(control, dict) else None
         options = transformer_options or {}
-        _warn_unhandled(set(options.get("patches") or {}) - {BLOCKWISE_PATCHES} | set(options.get("patches_replace") or {}))
+        _warn_unhandled(set(options.get("patches") or {}) - {BLOCKWISE_PATCHES}
+                        | set(options.get("patches_replace") or {}))
         patches = (options.get("patches") or {}).get(BLOCKWISE_PATCHES, [])
         block_patches = [patch.for_latent(latent) for patch in patches] or None
-        if (residuals or block_patches) and (height % 2 or width % 2):
-            raise ValueError(f"control needs an even latent size (image sides multiples of 16), got {width}x{height}")
-        out = super().forward(_pad_even(latent), timesteps, context, context_mask=attention_mask, ref_latents=refs,
-                              control=residuals or None, block_patches=block_patches)
+        patch_size = QWEN_IMAGE_LATENT.patch_size
+        if (residuals or block_patches) and (height % patch_size or width % patch_size):
+            raise ValueError(f"control needs whole DiT patches (image sides multiples of "
+                             f"{QWEN_IMAGE_LATENT.pixel_multiple}), got a {width}x{height} latent")
+        out = super().forward(_pad_to_patches(latent), timesteps, context, context_mask=attention_mask,
+                              ref_latents=refs, control=residuals or None, block_patches=block_patches)
         out = out[..., :height, :width]
         return out.unsqueeze(2) if frames else out
 
@@ -153,86 +158,8 @@ class QwenImageHostModel(_HostBase):
         references = kwargs.get("reference_latents")
         if not references:
             return {}
-        return {"ref_latents": [1, 16, sum(math.prod(r.shape) for r in references) // 16]}
-
-
-class _HostPatchable:
-    """Lets the host's weight patches (LoRA loaders, model merging) reach GGUF weights.
-
-    The ModelPatcher looks for ``convert_weight`` / ``set_weight`` on a layer (its hook for weights that are not
-    plain tensors):
-
-    * full load: it dequantizes through ``convert_weight``, applies its patches in fp32 and hands the result to
-      ``set_weight``; we keep the packed weight and hold the patched dense weight (bf16 on GPUs, fp32 on CPU), used
-      instead of dequantizing - the patch is merged once, not on every call.  It is dropped when the host unpatches
-      (see :class:`QwenImageModelPatcher`) or restores its backup (a new Parameter object);
-    * low-VRAM (partial) load: like the host's own layers we carry ``comfy_cast_weights`` and ``weight_function``
-      / ``bias_function``; the host attaches per-call patch functions, applied to the just-in-time dense weight.
-    """
-
-    comfy_cast_weights = False  # set by the host for layers it leaves offloaded; we cast per call in any case
-    weight_function: list = []
-    bias_function: list = []
-
-    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
-        if isinstance(weight, QuantizedTensor):
-            return weight.dequantize(torch.float32)
-        return weight if inplace else weight.clone()  # the caller patches the result in place
-
-    def set_weight(self, patched: torch.Tensor, inplace_update: bool = False, seed: int = 0,
-                   return_weight: bool = False, **kwargs):
-        if return_weight:  # low-VRAM path: the patched weight is used for this call only
-            return patched
-        if inplace_update:
-            raise RuntimeError("Hooked (scheduled) LoRAs are not supported on GGUF weights; load the LoRA with a "
-                               "plain LoRA loader instead.")
-        stored = torch.bfloat16 if patched.device.type == "cuda" else torch.float32
-        self.__dict__["_patched"] = (self.weight, patched.to(stored))  # plain attribute, not a parameter
-        return None
-
-    def clear_patch(self) -> None:
-        self.__dict__.pop("_patched", None)
-
-    def _weight(self, like: torch.Tensor):
-        patched = self.__dict__.get("_patched")
-        if patched is not None and patched[0] is not self.weight:  # the host restored its backup
-            self.clear_patch()
-            patched = None
-        weight = super()._weight(like) if patched is None else patched[1].to(device=like.device, dtype=like.dtype)
-        for function in self.weight_function:
-            weight = function(weight).to(like.dtype)
-        return weight
-
-    def _bias(self, like: torch.Tensor):
-        bias = super()._bias(like)
-        for function in self.bias_function:
-            bias = function(bias).to(like.dtype)
-        return bias
-
-
-class HostGGUFOps(GGUFOps):
-    """GGUF layers the host's ModelPatcher can patch (see :class:`_HostPatchable`)."""
-
-    class Linear(_HostPatchable, GGUFOps.Linear):
-        pass
-
-    class Conv2d(_HostPatchable, GGUFOps.Conv2d):
-        pass
-
-    class Conv3d(_HostPatchable, GGUFOps.Conv3d):
-        pass
-
-    class LayerNorm(_HostPatchable, GGUFOps.LayerNorm):
-        pass
-
-    class GroupNorm(_HostPatchable, GGUFOps.GroupNorm):
-        pass
-
-    class RMSNorm(_HostPatchable, GGUFOps.RMSNorm):
-        pass
-
-    class Embedding(_HostPatchable, GGUFOps.Embedding):
-        pass
+        channels = QWEN_IMAGE_LATENT.channels
+        return {"ref_latents": [1, channels, sum(math.prod(r.shape) for r in references) // channels]}
 
 
 class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -259,7 +186,7 @@ class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
         result = super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
         if unpatch_weights:
             for module in self.model.modules():
-                if isinstance(module, _HostPatchable):
+                if isinstance(module, HostPatchable):
                     module.clear_patch()
         return result
 

@@ -1,8 +1,9 @@
 """Which model files each loader offers, from the host's model folders.
 
-Registers ``.gguf`` for the folders our loaders read (the host does not know the extension), and adds diffusers /
-HF model folders (a sub-folder with a ``config.json``; a full pipeline folder offers its ``transformer``,
-``text_encoder`` or ``vae`` part) next to the single files.
+Registers ``.gguf`` for the folders our loaders read (the host does not know the extension) when imported, so
+every feature that lists files sees them, and adds diffusers / HF model folders (a sub-folder with a
+``config.json``; a full pipeline folder offers its ``transformer``, ``text_encoder`` or ``vae`` part) next to the
+single files.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import os
 
 import folder_paths
 
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+WEIGHT_EXTENSIONS = (*SAFETENSORS_EXTENSIONS, ".gguf")
 GGUF_FOLDERS = ("diffusion_models", "text_encoders", "controlnet")
 # mmproj files are the vision half of a GGUF text encoder, never a text encoder on their own.
 _MMPROJ = "mmproj"
 
 
-def register_gguf_extension() -> None:
+def _register_gguf_extension() -> None:
     for name in GGUF_FOLDERS:
         entry = folder_paths.folder_names_and_paths.get(name)
         if entry is None:
@@ -30,6 +33,9 @@ def register_gguf_extension() -> None:
     if isinstance(cache, dict):
         for name in GGUF_FOLDERS:
             cache.pop(name, None)
+
+
+_register_gguf_extension()  # on import: whichever features load, all of them list .gguf files
 
 
 def _model_folders(folder: str, part: str) -> list[str]:
@@ -67,6 +73,11 @@ def list_models(folder: str, part: str, extensions: tuple[str, ...]) -> list[str
              if name.lower().endswith(extensions) and _MMPROJ not in os.path.basename(name).lower()
              and not _inside_model_folder(folder, name)]
     return sorted(set(files)) + _model_folders(folder, part)
+
+
+def model_input(folder: str, part: str, extensions: tuple[str, ...], tooltip: str) -> tuple:
+    """A loader's input choosing among :func:`list_models` (``part``: the sub-folder of a full pipeline folder)."""
+    return (list_models(folder, part, extensions), {"tooltip": tooltip})
 
 
 def resolve(folder: str, name: str) -> str:

@@ -2,12 +2,15 @@
 
 * :class:`HostVAE` is a drop-in for the host's VAE object (``decode`` / ``encode`` / tiled variants and the size
   queries core nodes use), so the host's VAE Decode / VAE Encode nodes work with it; LATENTs are the host's own
-  single-frame ``[B,16,1,H,W]`` raw latents, 4-D latents are accepted too.
+  single-frame ``[B,C,1,H,W]`` raw latents, 4-D latents are accepted too.
 * :class:`HostTextEncoder` couples our Qwen2.5-VL encoder with a ModelPatcher so the host loads it to the device
-  before encoding and offloads / frees it like its own models.
+  before encoding and offloads / frees it like its own models; :func:`host_tokenizer_dir` is where its tokenizer
+  files come from.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -16,9 +19,9 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
-from ..models import TextEncoder, QwenImageVAE
+from ...models import QWEN_IMAGE_LATENT, QwenImageVAE, TextEncoder
 
-SPATIAL_FACTOR = 8
+SPATIAL_FACTOR = QWEN_IMAGE_LATENT.spatial_factor
 
 
 class _Managed(nn.Module):
@@ -43,9 +46,9 @@ def _progress_bar(total_hint: int = 1):
 class HostVAE:
     """The Qwen-Image VAE with the host VAE's interface."""
 
-    latent_channels = 16
+    latent_channels = QWEN_IMAGE_LATENT.channels
     output_channels = 3
-    latent_dim = 3  # the host's Qwen-Image latents carry a frame axis of length 1
+    latent_dim = 3 if QWEN_IMAGE_LATENT.frame_axis else 2  # spatial axes plus the host's frame axis of length 1
     downscale_ratio = SPATIAL_FACTOR
     upscale_ratio = SPATIAL_FACTOR
 
@@ -69,7 +72,7 @@ class HostVAE:
         return None
 
     def vae_encode_crop_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Centre-crop to multiples of 8 like the host does (our edit nodes size images exactly instead)."""
+        """Centre-crop to whole latent cells like the host does (our edit nodes size images exactly instead)."""
         height = (pixels.shape[1] // SPATIAL_FACTOR) * SPATIAL_FACTOR
         width = (pixels.shape[2] // SPATIAL_FACTOR) * SPATIAL_FACTOR
         top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
@@ -100,7 +103,9 @@ class HostVAE:
         self._load(self.first_stage_model.estimate_encode_bytes(pixels.shape[0], pixels.shape[1], pixels.shape[2]))
         latent = self.first_stage_model.encode(pixels, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
                                                progress=_progress_bar())
-        return latent.unsqueeze(2).to(mm.intermediate_device())
+        if QWEN_IMAGE_LATENT.frame_axis:
+            latent = latent.unsqueeze(2)
+        return latent.to(mm.intermediate_device())
 
     def decode_tiled(self, samples: torch.Tensor, tile_x: int = 64, tile_y: int = 64, overlap: int = 16,
                      **_ignored) -> torch.Tensor:
@@ -109,6 +114,11 @@ class HostVAE:
     def encode_tiled(self, pixels: torch.Tensor, tile_x: int = 512, tile_y: int = 512, overlap: int = 64,
                      **_ignored) -> torch.Tensor:
         return self.encode(pixels, tiled=True, tile_size=max(tile_x, tile_y), tile_overlap=overlap)
+
+
+def host_tokenizer_dir() -> str:
+    """The Qwen2.5 tokenizer files every ComfyUI that supports Qwen ships (tokenizer data is never bundled with us)."""
+    return os.path.join(os.path.dirname(comfy.utils.__file__), "text_encoders", "qwen25_tokenizer")
 
 
 class HostTextEncoder:
