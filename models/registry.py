@@ -187,7 +187,7 @@ def _qwen_image_trunk(h: _Header) -> FileIdentity | None:
     config = h.config or {}
     if h.has(prefix + LAYERED_KEY) or config.get("use_additional_t_cond"):
         return FileIdentity("qwen_image", "diffusion_model", h.layout(), "layered",
-                            "a Qwen-Image-Layered diffusion model (DiT): not supported yet by this pack", prefix)
+                            "a Qwen-Image-Layered diffusion model (DiT)", prefix, supported=True)
     edit_2511 = h.has(prefix + ZERO_COND_MARKER) or bool(config.get("zero_cond_t"))
     return FileIdentity("qwen_image", "diffusion_model", h.layout(), "edit-2511" if edit_2511 else "",
                         "a Qwen-Image-Edit-2511 diffusion model (DiT)" if edit_2511
@@ -269,9 +269,8 @@ def _video_vae(h: _Header, prefix: str) -> FileIdentity | None:
     if z_dim == 16 and shape[1] == 3:
         return FileIdentity("qwen_image", "vae", layout, "", "the Qwen-Image VAE", prefix, supported=True)
     if z_dim == 16 and shape[1] == 4:
-        return FileIdentity("qwen_image", "vae", layout, "rgba",
-                            "the Qwen-Image-Layered RGBA VAE (4 image channels): not supported yet by this pack",
-                            prefix)
+        return FileIdentity("qwen_image", "vae", layout, "rgba", "the Qwen-Image-Layered RGBA VAE", prefix,
+                            supported=True)
     return FileIdentity("unknown", "vae", layout, "",
                         f"a video VAE with {z_dim} latent channels and input convolution {shape}", prefix)
 

@@ -55,10 +55,10 @@ def reference_dit(path: Path, config: dict | None = None):
     return model.eval()
 
 
-def reference_vae(path: Path):
+def reference_vae(path: Path, config: dict | None = None):
     from diffusers import AutoencoderKLQwenImage
 
-    model = AutoencoderKLQwenImage(**TINY_VAE)
+    model = AutoencoderKLQwenImage(**(config or TINY_VAE))
     model.load_state_dict(wan_named_state(model, comfy_tensors(path)), strict=True)
     return model.eval()
 

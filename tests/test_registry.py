@@ -1,6 +1,6 @@
-"""models.registry.identify: every file layout the factory makes, the family members the pack does not run yet
-(Layered, RGBA VAE, Qwen-Image 2.1 at tiny width from diffusers / transformers), and other models' files are
-named correctly; every loader's wrong-file message is the registry's description."""
+"""models.registry.identify: every file layout the factory makes, Layered and its RGBA VAE and the family members
+the pack does not run yet (Qwen-Image 2.1 at tiny width from diffusers / transformers), and other models' files
+are named correctly; every loader's wrong-file message is the registry's description."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def test_factory_files(root, case):
 
 
 # -- family members the pack does not run yet, built by the reference libraries ---------------------------------------
+def _qwen_image_2_1_dit() -> dict:
+    from diffusers import QwenImage21Transformer2DModel
+
+    return QwenImage21Transformer2DModel(num_layers=2, attention_head_dim=16, num_attention_heads=2, context_in_dim=32,
+                                         axes_dims_rope=(4, 6, 6)).state_dict()
+
+
 def _layered_dit() -> tuple[dict, dict]:
     from diffusers import QwenImageTransformer2DModel
 
@@ -103,8 +110,8 @@ def test_layered_dit(root):
                  _save(root / "layered_diffusers", state, config)):
         identity = identify(path)
         assert (identity.family, identity.role, identity.variant, identity.supported) == (
-            "qwen_image", "diffusion_model", "layered", False), path
-        assert "Layered" in identity.description and "not supported yet" in identity.description
+            "qwen_image", "diffusion_model", "layered", True), path
+        assert "Layered" in identity.description
 
 
 def test_rgba_vae(root):
@@ -114,15 +121,14 @@ def test_rgba_vae(root):
                                    input_channels=4).state_dict()
     identity = identify(_save(root / "rgba_vae.safetensors", state))
     assert (identity.family, identity.role, identity.layout, identity.variant, identity.supported) == (
-        "qwen_image", "vae", "diffusers", "rgba", False)
+        "qwen_image", "vae", "diffusers", "rgba", True)
 
 
 def test_qwen_image_2_1(root):
-    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
+    from diffusers import AutoencoderKLQwenImage21
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    dit = QwenImage21Transformer2DModel(num_layers=2, attention_head_dim=16, num_attention_heads=2, context_in_dim=32,
-                                        axes_dims_rope=(4, 6, 6)).state_dict()
+    dit = _qwen_image_2_1_dit()
     vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 4, 4, 4],
                                    num_res_blocks=1, latents_mean=[0.0] * 8, latents_std=[1.0] * 8).state_dict()
     encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
@@ -204,6 +210,7 @@ WRONG_FILES = {
     "controlnet": lambda r: make_controlnet(r, layout="comfy"),
     "blockwise": lambda r: make_blockwise_control(r),
     "layered": lambda r: _save(r / "layered.safetensors", _layered_dit()[0]),
+    "qwen-image 2.1": lambda r: _save(r / "qwen_image_2_1.safetensors", _qwen_image_2_1_dit()),
     "flux": lambda r: _save(r / "flux.safetensors", _shapes(OTHERS["flux"][0])),
     "sdxl checkpoint": lambda r: _save(r / "sdxl.safetensors", _shapes(OTHERS["sdxl checkpoint"][0])),
 }
@@ -214,7 +221,7 @@ def test_wrong_file_messages_come_from_the_registry(root, loader):
     folder = root / f"wrong_{loader}"
     folder.mkdir()
     for kind, make in WRONG_FILES.items():
-        if kind == loader:
+        if kind == loader or (loader, kind) == ("dit", "layered"):  # the DiT loader runs Layered DiTs
             continue
         path = make(folder)
         with pytest.raises(WeightFileError) as error:
@@ -232,7 +239,8 @@ def test_load_dispatches_by_identity(root):
     for path, kind in cases:
         assert isinstance(load(path), kind), path
     assert isinstance(load(WRONG_FILES["text_encoder"](folder), tokenizer=host_tokenizer_dir()), TextEncoder)
-    for kind in ("layered", "flux"):
+    assert isinstance(load(WRONG_FILES["layered"](folder)), QwenImageDiT)
+    for kind in ("qwen-image 2.1", "flux"):
         path = WRONG_FILES[kind](folder)
         with pytest.raises(WeightFileError, match="not a file this pack can load") as error:
             load(path)

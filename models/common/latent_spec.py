@@ -17,7 +17,7 @@ __all__ = ["LatentSpec", "pack_latent", "unpack_latent"]
 def pack_latent(x: torch.Tensor, patch: int) -> torch.Tensor:
     """``[B, C, H, W] -> [B, (H/p)(W/p), C*p*p]`` with channel ``c*p*p + dy*p + dx`` (the diffusers packing)."""
     b, c, h, w = x.shape
-    x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 

@@ -9,7 +9,10 @@ diffusers (the reference the Qwen team recommends):
   MLPs;
 * ``norm_out`` modulation is ``(scale, shift)``;
 * timestep embedding: ``sinusoid(1000 * sigma)`` (256 dims, cos first) -> Linear -> SiLU -> Linear;
-* Edit-2511 ``zero_cond_t``: reference-image tokens are modulated with the embedding of ``t = 0``.
+* Edit-2511 ``zero_cond_t``: reference-image tokens are modulated with the embedding of ``t = 0``;
+* Layered (``additional_t_cond`` + ``layer3d_rope``): an embedding of a condition index is added to the timestep
+  embedding, the target latent has several frames (the whole image, then the layers), and the condition image
+  (the last reference) sits at frame -1 of the RoPE.
 
 The model runs in ``compute_dtype``; layers come from an injectable ``ops`` namespace that casts stored weights
 per layer (fp8 weights stay fp8 in memory).
@@ -50,6 +53,8 @@ class DiTConfig:
     joint_dim: int = 3584
     axes_dim: tuple[int, int, int] = (16, 56, 56)
     zero_cond_t: bool = False
+    additional_t_cond: bool = False  # Layered: Embedding(2, width) of a condition index added to the timestep's
+    layer3d_rope: bool = False  # Layered: frames are layers, the last reference is the condition at frame -1
     patch_size: int = 2
     rope_theta: float = 10000.0
 
@@ -89,11 +94,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class TimeTextEmbed(nn.Module):
-    """Container that keeps the reference name ``time_text_embed.timestep_embedder``."""
+    """Container that keeps the reference names ``time_text_embed.timestep_embedder`` and (Layered)
+    ``time_text_embed.addition_t_embedding``."""
 
-    def __init__(self, width: int, ops, device=None, dtype=None):
+    def __init__(self, width: int, ops, additional_t_cond: bool = False, device=None, dtype=None):
         super().__init__()
         self.timestep_embedder = TimestepEmbedder(width, ops, device=device, dtype=dtype)
+        if additional_t_cond:
+            self.addition_t_embedding = ops.Embedding(2, width, device=device, dtype=dtype)
 
 
 class GeluProjection(nn.Module):
@@ -250,25 +258,33 @@ class DoubleStreamTrunk(nn.Module):
         self.config = config
         self.compute_dtype = compute_dtype
         factory = {"device": device, "dtype": dtype}
-        self.time_text_embed = TimeTextEmbed(config.width, ops, **factory)
+        self.time_text_embed = TimeTextEmbed(config.width, ops, config.additional_t_cond, **factory)
         self.txt_norm = ops.RMSNorm(config.joint_dim, eps=_EPS, **factory)
         self.img_in = ops.Linear(config.in_channels, config.width, bias=True, **factory)
         self.txt_in = ops.Linear(config.joint_dim, config.width, bias=True, **factory)
         self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(config, ops, **factory)
                                                 for _ in range(config.depth))
-        self.rope = MSRoPE(config.axes_dim, config.rope_theta)
+        self.rope = MSRoPE(config.axes_dim, config.rope_theta, layer3d=config.layer3d_rope)
 
-    def time_embedding(self, sigma: torch.Tensor) -> torch.Tensor:
-        """SiLU of the timestep embedding of ``sigma [N]`` (what every modulation Linear reads)."""
+    def time_embedding(self, sigma: torch.Tensor, condition_index: int = 0) -> torch.Tensor:
+        """SiLU of the timestep embedding of ``sigma [N]`` (what every modulation Linear reads); Layered models add
+        the embedding of ``condition_index`` (0 for the reference's RGBA decomposition)."""
         sinusoid = timestep_sinusoid(sigma).to(self.compute_dtype)
-        return F.silu(self.time_text_embed.timestep_embedder(sinusoid))
+        embedding = self.time_text_embed.timestep_embedder(sinusoid)
+        if self.config.additional_t_cond:
+            index = torch.full(sigma.shape, condition_index, dtype=torch.long, device=sigma.device)
+            extra = self.time_text_embed.addition_t_embedding(index, out_dtype=self.compute_dtype)
+            embedding = embedding + extra.to(self.compute_dtype)
+        return F.silu(embedding)
 
     def text_tokens(self, context: torch.Tensor, device: torch.device) -> torch.Tensor:
         return self.txt_in(self.txt_norm(context.to(device=device, dtype=self.compute_dtype)))
 
 
 class QwenImageDiT(DoubleStreamTrunk):
-    """Qwen-Image MMDiT.  Call ``dit(x, timestep, context, context_mask=None, ref_latents=None, control=None)``.
+    """Qwen-Image MMDiT.  Call ``dit(x, timestep, context, context_mask=None, ref_latents=None, control=None)``;
+    a Layered model takes ``x [B, 16, F, H, W]`` (F frames: the whole image, then the layers) and the condition
+    image's latent as the last ``ref_latents`` entry.
 
     Build on ``device="meta"`` and fill with :func:`models.io.weights.assign_weights` (see
     :func:`models.qwen_image.dit_loader.load_diffusion_model`).
@@ -293,40 +309,54 @@ class QwenImageDiT(DoubleStreamTrunk):
             latent = latent.expand(batch, -1, -1, -1)
         return pack_latent(latent.to(self.compute_dtype), p), (latent.shape[2] // p, latent.shape[3] // p)
 
+    def _targets(self, x: torch.Tensor, refs: bool) -> list[torch.Tensor]:
+        """The target latent as a list of ``[B, C, H, W]`` frames (one, or the Layered model's several)."""
+        if self.config.layer3d_rope and not refs:
+            raise ValueError("this is a Qwen-Image-Layered DiT: it decomposes an image into layers and needs the "
+                             "image's latent as its condition (use Qwen-Image Layered Encode, not text-to-image).")
+        if x.ndim == 4:
+            return [x]
+        if x.ndim != 5 or not self.config.layer3d_rope:
+            raise ValueError(f"a latent of shape {tuple(x.shape)} (several frames) needs a Qwen-Image-Layered DiT; "
+                             "this diffusion model takes [B, C, H, W] latents.")
+        return list(x.unbind(2))
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, ref_latents: Sequence[torch.Tensor] | None = None,
                 control: Sequence[torch.Tensor | None] | None = None,
-                block_patches: Sequence[BlockPatch] | None = None, options: Options | None = None) -> torch.Tensor:
-        """Velocity ``[B, 16, H, W]`` (in ``x``'s dtype) for the target latent ``x``.
+                block_patches: Sequence[BlockPatch] | None = None, options: Options | None = None,
+                condition_index: int = 0) -> torch.Tensor:
+        """Velocity ``[B, 16, H, W]`` (``[B, 16, F, H, W]`` for a Layered model), in ``x``'s dtype, for the target
+        latent ``x``.
 
         ``timestep``: sigma in [0, 1], ``[B]`` or scalar.  ``context [B, L, joint_dim]`` with an optional
         ``context_mask [B, L]`` (1 keep, 0 padding).  ``ref_latents``: edit references ``[B or 1, 16, h, w]``
-        (even sizes), appended after the target tokens.  ``control``: residuals ``[B, N_target_tokens, width]``,
-        sample ``i // ceil(depth / len(control))`` added to the target tokens after block ``i``.
-        ``block_patches``: callables ``patch(i, target_tokens) -> residual or None`` run after block ``i`` (before
-        ``control``); a residual is added to the target tokens (DiffSynth blockwise control works this way).
-        ``options``: run options threaded to every block (a host's attention kernel, see
-        :mod:`models.common.attention`).
+        (even sizes), appended after the target tokens (a Layered model's condition image is the last).
+        ``control``: residuals ``[B, N_target_tokens, width]``, sample ``i // ceil(depth / len(control))`` added to
+        the target tokens after block ``i``.  ``block_patches``: callables ``patch(i, target_tokens) -> residual
+        or None`` run after block ``i`` (before ``control``); a residual is added to the target tokens (DiffSynth
+        blockwise control works this way).  ``options``: run options threaded to every block (a host's attention
+        kernel, see :mod:`models.common.attention`).  ``condition_index``: the Layered model's additional timestep
+        condition (0, as the reference pipeline).
         """
-        batch, _, height, width = x.shape
+        targets = self._targets(x, bool(ref_latents))
+        batch, _, height, width = targets[0].shape
         p = self.config.patch_size
         if height % p or width % p:
             raise ValueError(f"latent height and width must be multiples of {p}, got {height}x{width}")
         for ref in ref_latents or ():
             if ref.shape[-2] % p or ref.shape[-1] % p:
                 raise ValueError(f"reference latent sizes must be multiples of {p}, got {tuple(ref.shape)}")
+        if len(targets) > 1 and (control or block_patches):
+            raise ValueError("ControlNets and control patches work on single images, not on Layered latents.")
         device, dtype = x.device, self.compute_dtype
 
-        img, grid = self._pack(x, batch)
-        grids, target_tokens = [grid], img.shape[1]
-        if ref_latents:
-            packed = [img]
-            for ref in ref_latents:
-                tokens, ref_grid = self._pack(ref.to(device), batch)
-                packed.append(tokens)
-                grids.append(ref_grid)
-            img = torch.cat(packed, dim=1)
+        packed = [self._pack(frame, batch) for frame in targets]
+        target_tokens = sum(tokens.shape[1] for tokens, _ in packed)
+        packed += [self._pack(ref.to(device), batch) for ref in ref_latents or ()]
+        img = torch.cat([tokens for tokens, _ in packed], dim=1) if len(packed) > 1 else packed[0][0]
+        grids = [grid for _, grid in packed]
         zero_cond = self.config.zero_cond_t and img.shape[1] > target_tokens
         # Token segments with their own modulation; Edit-2511 modulates the references with t = 0.
         img_sizes = [target_tokens, img.shape[1] - target_tokens] if zero_cond else [img.shape[1]]
@@ -334,7 +364,7 @@ class QwenImageDiT(DoubleStreamTrunk):
         sigma = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
         if zero_cond:
             sigma = torch.cat([sigma, torch.zeros_like(sigma)])
-        silu_temb = self.time_embedding(sigma)
+        silu_temb = self.time_embedding(sigma, condition_index)
 
         img = self.img_in(img)
         txt = self.text_tokens(context, device)
@@ -354,4 +384,5 @@ class QwenImageDiT(DoubleStreamTrunk):
                     img[:, :target_tokens] += residual.to(device=device, dtype=dtype)
 
         out = self.proj_out(self.norm_out(img[:, :target_tokens], silu_temb[:batch]))
-        return unpack_latent(out, height, width, p).to(x.dtype)
+        frames = [unpack_latent(part, height, width, p) for part in out.split(target_tokens // len(targets), dim=1)]
+        return (torch.stack(frames, dim=2) if x.ndim == 5 else frames[0]).to(x.dtype)

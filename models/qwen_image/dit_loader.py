@@ -22,7 +22,7 @@ import torch
 from ..common.ops import CastOps
 from ..io.loading import TensorView, materialize, open_weights
 from ..io.weights import WeightFileError, tensor_dtype, tensor_shape
-from ..registry import ZERO_COND_MARKER, expect
+from ..registry import LAYERED_KEY, ZERO_COND_MARKER, expect
 from .dit import DiTConfig, QwenImageDiT
 
 __all__ = ["load_diffusion_model", "detect_dit_config", "dit_from_tensors", "trunk_shape", "open_dit_weights"]
@@ -58,7 +58,8 @@ def trunk_shape(tensors: Mapping, config_json: dict | None, source: str) -> dict
 def detect_dit_config(tensors: Mapping, config_json: dict | None = None, source: str = "checkpoint") -> DiTConfig:
     """The :class:`DiTConfig` of a prefix-free Qwen-Image DiT mapping, from tensor shapes (no data read).
 
-    ``zero_cond_t`` (Edit-2511) comes from ``config_json`` or the marker tensor ``__index_timestep_zero__``.
+    ``zero_cond_t`` (Edit-2511) comes from ``config_json`` or the marker tensor ``__index_timestep_zero__``; the
+    Layered flags from ``config_json`` or the ``time_text_embed.addition_t_embedding`` tensor.
     """
     out_features = tensor_shape(tensors, "proj_out.weight")[0]
     if out_features % 4:
@@ -67,8 +68,12 @@ def detect_dit_config(tensors: Mapping, config_json: dict | None = None, source:
     if blocks != list(range(len(blocks))):
         raise WeightFileError(f"{source}: transformer_blocks are not numbered 0..N-1 (found {blocks[:5]}...); "
                               "the file is incomplete.")
-    zero_cond = ZERO_COND_MARKER in tensors or bool((config_json or {}).get("zero_cond_t", False))
+    config_json = config_json or {}
+    zero_cond = ZERO_COND_MARKER in tensors or bool(config_json.get("zero_cond_t", False))
+    layered = LAYERED_KEY in tensors  # Comfy files carry no config: the extra embedding means Layered
     return DiTConfig(depth=len(blocks), out_channels=out_features // 4, zero_cond_t=zero_cond,
+                     additional_t_cond=layered or bool(config_json.get("use_additional_t_cond", False)),
+                     layer3d_rope=bool(config_json.get("use_layer3d_rope", layered)),
                      **trunk_shape(tensors, config_json, source))
 
 
@@ -90,8 +95,9 @@ def dit_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, devic
     config = detect_dit_config(TensorView(tensors, prefix, frozenset({SCALED_FP8_MARKER})), config_json, source)
     view = TensorView(tensors, prefix, frozenset({ZERO_COND_MARKER, SCALED_FP8_MARKER}))
     scaled = prefix + SCALED_FP8_MARKER in tensors or any(k.endswith(".scale_weight") for k in tensors)
+    variant = ", Edit-2511 zero_cond_t" if config.zero_cond_t else ", Layered" if config.layer3d_rope else ""
     logger.info("Qwen-Image DiT: %d blocks, width %d, %s%s", config.depth, config.width,
-                _weight_format(view, scaled), ", Edit-2511 zero_cond_t" if config.zero_cond_t else "")
+                _weight_format(view, scaled), variant)
     model = model_class(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
     return materialize(model, view, dtype=dtype, device=device, what=f"{source} (Qwen-Image DiT)")
 

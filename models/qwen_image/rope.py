@@ -11,6 +11,9 @@ Positions (as the diffusers reference computes them):
   position than positive), row-major;
 * text token ``j``: ``m + j`` on all three axes, with ``m = max over all images of max(h//2, w//2)``.
 
+Layer-3D RoPE (Qwen-Image-Layered): the same, except that the last image (the condition) sits at frame -1 and the
+text starts at least at the number of images minus one (the layer count).
+
 Angles are computed in float32 exactly like the reference (``fp32 angle = position * fp32 frequency``); fp32
 runs rotate with one complex multiply per pair as the reference does, so they agree to rounding.
 """
@@ -31,17 +34,22 @@ def _centred(n: int) -> torch.Tensor:
     return torch.arange(-(n - n // 2), n // 2, dtype=torch.int64)
 
 
-def msrope_positions(image_grids: Sequence[Grid], text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer positions ``(text [text_len, 3], images [sum h*w, 3])`` for the given patch grids (target first)."""
+def msrope_positions(image_grids: Sequence[Grid], text_len: int,
+                     layer3d: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer positions ``(text [text_len, 3], images [sum h*w, 3])`` for the given patch grids (target first);
+    ``layer3d``: the Layered model's layout (the last grid is the condition image, at frame -1)."""
     if not image_grids:
         raise ValueError("MSRoPE needs at least the target image grid.")
+    last = len(image_grids) - 1
     image_parts = []
     for index, (h, w) in enumerate(image_grids):
         rows = _centred(h)[:, None].expand(h, w)
         cols = _centred(w)[None, :].expand(h, w)
-        frame = torch.full((h, w), index, dtype=torch.int64)
+        frame = torch.full((h, w), -1 if layer3d and index == last else index, dtype=torch.int64)
         image_parts.append(torch.stack([frame, rows, cols], dim=-1).reshape(h * w, 3))
     text_start = max(max(h // 2, w // 2) for h, w in image_grids)
+    if layer3d:
+        text_start = max(text_start, last)
     text = torch.arange(text_start, text_start + text_len, dtype=torch.int64)[:, None].expand(text_len, 3)
     return text, torch.cat(image_parts, dim=0)
 
@@ -91,9 +99,10 @@ def split_rope(table: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Ten
 class MSRoPE:
     """Caches joint ``[text, images]`` rotation tables per (grids, text length, device, dtype)."""
 
-    def __init__(self, axes_dim: Sequence[int], theta: float = 10000.0, cache_size: int = 8):
+    def __init__(self, axes_dim: Sequence[int], theta: float = 10000.0, cache_size: int = 8, layer3d: bool = False):
         self.axes_dim = tuple(int(d) for d in axes_dim)
         self.theta = float(theta)
+        self.layer3d = layer3d
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -103,7 +112,7 @@ class MSRoPE:
         key = (tuple(tuple(g) for g in image_grids), int(text_len), torch.device(device), dtype)
         table = self._cache.get(key)
         if table is None:
-            text, images = msrope_positions(key[0], text_len)
+            text, images = msrope_positions(key[0], text_len, self.layer3d)
             angles = rope_angles(torch.cat([text, images]), self.axes_dim, self.theta)
             table = rope_table(angles, dtype).to(device)
             self._cache[key] = table

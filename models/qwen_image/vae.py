@@ -15,7 +15,7 @@ Public API::
 
     vae = load_vae(path, dtype=torch.float32, device="cpu", ops=None)
     z = vae.encode(images)          # [B, H, W, 3] in 0..1 -> [B, 16, H/8, W/8] latent mean (not normalized)
-    images = vae.decode(z)          # -> [B, H, W, 3] in 0..1
+    images = vae.decode(z)          # -> [B, H, W, 3] in 0..1  (RGBA: 4 channels in and out, the Layered VAE)
     vae.normalize(z), vae.denormalize(z)
 
 Large images are tiled (see :mod:`models.common.tiling`): automatically when the untiled call would not fit in the
@@ -229,12 +229,13 @@ def _run_head(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 class Encoder(nn.Module):
     """Pixels -> 2 x z_dim moments at 1/8 resolution: residual levels with stride-2 downsampling, middle, head."""
 
-    def __init__(self, dim: int, out_ch: int, dim_mult, num_res_blocks: int, temporal, ops, device=None, dtype=None):
+    def __init__(self, dim: int, out_ch: int, dim_mult, num_res_blocks: int, temporal, ops, image_channels: int = 3,
+                 device=None, dtype=None):
         super().__init__()
         conv, _ = _layer_classes(ops)
         factory = {"device": device, "dtype": dtype}
         dims = [dim * m for m in [1, *dim_mult]]
-        self.conv1 = conv(3, dims[0], 3, padding=1, **factory)
+        self.conv1 = conv(image_channels, dims[0], 3, padding=1, **factory)
         blocks: list[nn.Module] = []
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(num_res_blocks):
@@ -261,7 +262,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latents -> pixels: middle, residual levels with 2x upsampling, head."""
 
-    def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int, temporal, ops, device=None, dtype=None):
+    def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int, temporal, ops, image_channels: int = 3,
+                 device=None, dtype=None):
         super().__init__()
         conv, _ = _layer_classes(ops)
         factory = {"device": device, "dtype": dtype}
@@ -278,7 +280,7 @@ class Decoder(nn.Module):
             if level != len(dim_mult) - 1:
                 blocks.append(Resample(out_dim, "upsample3d" if temporal[level] else "upsample2d", ops, **factory))
         self.upsamples = nn.Sequential(*blocks)
-        self.head = _head(dims[-1], 3, ops, factory)
+        self.head = _head(dims[-1], image_channels, ops, factory)
 
     def trunk(self, z: torch.Tensor, options: Options | None = None) -> torch.Tensor:
         """Latents -> latent-resolution features (contains the global attention)."""
@@ -299,21 +301,24 @@ class QwenImageVAE(nn.Module):
 
     ``dtype`` is the compute dtype (inputs are cast to it; ``ops`` layers cast their weights to it, so weights may
     be stored in another dtype).  ``memory_budget`` (callable ``device -> bytes`` or ``None``) decides automatic
-    tiling; by default the device's free memory (CUDA) or available RAM (CPU).
+    tiling; by default the device's free memory (CUDA) or available RAM (CPU).  ``image_channels``: 3 (RGB), or 4
+    for the Qwen-Image-Layered RGBA VAE.
     """
 
     def __init__(self, base_dim: int = 96, z_dim: int = 16, dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
-                 temporal_downsample=(False, True, True), ops=None, device=None, dtype=None):
+                 temporal_downsample=(False, True, True), ops=None, device=None, dtype=None, image_channels: int = 3):
         super().__init__()
         ops = ops or CastOps
         conv, _ = _layer_classes(ops)
         factory = {"device": device, "dtype": dtype}
-        self.base_dim, self.z_dim = base_dim, z_dim
+        self.base_dim, self.z_dim, self.image_channels = base_dim, z_dim, image_channels
         self.dtype = dtype or torch.float32
-        self.encoder = Encoder(base_dim, 2 * z_dim, dim_mult, num_res_blocks, temporal_downsample, ops, **factory)
+        self.encoder = Encoder(base_dim, 2 * z_dim, dim_mult, num_res_blocks, temporal_downsample, ops,
+                               image_channels, **factory)
         self.conv1 = conv(2 * z_dim, 2 * z_dim, 1, **factory)
         self.conv2 = conv(z_dim, z_dim, 1, **factory)
-        self.decoder = Decoder(base_dim, z_dim, dim_mult, num_res_blocks, temporal_downsample[::-1], ops, **factory)
+        self.decoder = Decoder(base_dim, z_dim, dim_mult, num_res_blocks, temporal_downsample[::-1], ops,
+                               image_channels, **factory)
         self.memory_budget: Callable[[torch.device], int] | None = None
 
     # -- placement ---------------------------------------------------------------------------------------------
@@ -377,7 +382,7 @@ class QwenImageVAE(nn.Module):
         tile = _round_up(tile_size or DEFAULT_ENCODE_TILE, SPATIAL_FACTOR)
         overlap = max(ENCODE_MIN_OVERLAP, _round_up(tile_overlap or 0, SPATIAL_FACTOR))
         with torch.no_grad():
-            x = images[..., :3].to(device=self.device, dtype=self.dtype).permute(0, 3, 1, 2)
+            x = self._channels(images).to(device=self.device, dtype=self.dtype).permute(0, 3, 1, 2)
             x = (x * 2 - 1).contiguous(memory_format=torch.channels_last)
             z = self._dispatch(
                 x, tiled, tile, MIN_ENCODE_TILE, SPATIAL_FACTOR, progress,
@@ -385,6 +390,12 @@ class QwenImageVAE(nn.Module):
                 untiled=lambda image: self._mean(self.encoder.finish(self.encoder.local_features(image), options)),
                 tiled_fn=lambda image, size, step: self._encode_tiled(image, size, overlap, step, options))
         return z.float().contiguous()
+
+    def _channels(self, images: torch.Tensor) -> torch.Tensor:
+        """The image channels this VAE encodes: RGB, or RGBA (an RGB image gets an opaque alpha channel)."""
+        if self.image_channels == 4 and images.shape[-1] == 3:
+            return torch.cat([images, torch.ones_like(images[..., :1])], dim=-1)
+        return images[..., :self.image_channels]
 
     def _encode_tiled(self, x: torch.Tensor, tile: int, overlap: int, step: Callable[[], None],
                       options: Options | None) -> torch.Tensor:
@@ -399,7 +410,7 @@ class QwenImageVAE(nn.Module):
     def decode(self, z: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
                tile_overlap: int | None = None, progress: Progress | None = None,
                options: Options | None = None) -> torch.Tensor:
-        """Raw latents [B, 16, h, w] (or [B, 16, 1, h, w]) -> images [B, 8h, 8w, 3] in 0..1 (float32).
+        """Raw latents [B, 16, h, w] (or [B, 16, 1, h, w]) -> images [B, 8h, 8w, 3 or 4] in 0..1 (float32).
 
         ``tiled`` as in :meth:`encode`; ``tile_size`` / ``tile_overlap`` in latent units (default 64 / 13); the
         overlap is raised to the receptive field (13), which makes tiled and untiled results equal.
@@ -520,8 +531,8 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: st
         found = identity.description if identity.role == "vae" else f"no VAE tensors ({identity.description})"
         raise WeightFileError(
             f"{weights.source}: found {found}. This loader needs the Qwen-Image VAE (Wan 2.1 architecture, "
-            f"{QWEN_IMAGE_LATENT.channels} latent channels, 3D convolutions): {EXPECTED_FILE}, or a diffusers "
-            "'vae' folder of Qwen-Image. Pick that file instead.")
+            f"{QWEN_IMAGE_LATENT.channels} latent channels, 3D convolutions): {EXPECTED_FILE}, a diffusers "
+            "'vae' folder of Qwen-Image, or the Qwen-Image-Layered RGBA VAE. Pick that file instead.")
     prefix = identity.prefix
 
     def rename(name: str) -> str | None:
@@ -532,6 +543,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: st
 
     wan_shapes = {rename(name): weights.tensors.shape(name) for name in weights.tensors}
     config = {
+        "image_channels": wan_shapes["encoder.conv1.weight"][1],
         "base_dim": wan_shapes["encoder.conv1.weight"][0],
         "z_dim": wan_shapes["conv2.weight"][0],
         "temporal_downsample": tuple(f"encoder.downsamples.{i}.time_conv.weight" in wan_shapes for i in (2, 5, 8)),

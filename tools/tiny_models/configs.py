@@ -68,6 +68,10 @@ TINY_VISION: dict = {
     "hidden_act": "silu",
 }
 
+# Qwen-Image-Layered: the same DiT with the additional timestep condition and layer-3D RoPE, and the RGBA VAE.
+TINY_LAYERED_DIT: dict = {**TINY_DIT, "use_additional_t_cond": True, "use_layer3d_rope": True}
+TINY_RGBA_VAE: dict = {**TINY_VAE, "input_channels": 4}
+
 # The real Qwen-Image 1.x sizes, for benchmarks with full-width synthetic weights.
 FULL_DIT: dict = {**TINY_DIT, "num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24,
                   "joint_attention_dim": 3584, "axes_dims_rope": (16, 56, 56)}

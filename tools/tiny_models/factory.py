@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from models.qwen_image.latent import QWEN_IMAGE_LATENT
 from models.qwen_image.vae_keys import diffusers_to_wan
-from .configs import (TINY_BLOCKWISE, TINY_CONTROLNET, TINY_CONTROLNET_INPAINT, TINY_DIT, TINY_TEXT, TINY_VAE,
-                      TINY_VISION)
+from .configs import (TINY_BLOCKWISE, TINY_CONTROLNET, TINY_CONTROLNET_INPAINT, TINY_DIT, TINY_RGBA_VAE, TINY_TEXT,
+                      TINY_VAE, TINY_VISION)
 
 __all__ = ["make_dit", "make_vae", "make_text_encoder", "make_lora", "make_all", "make_controlnet",
            "make_controlnet_gguf", "make_blockwise_control", "DIT_PREFIX", "LORA_TARGETS"]
@@ -38,10 +39,7 @@ __all__ = ["make_dit", "make_vae", "make_text_encoder", "make_lora", "make_all",
 DIT_PREFIX = "model.diffusion_model."
 
 # Latent normalisation of the Qwen-Image VAE (diffusers config.json), per latent channel.
-_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
-_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+_LATENTS_MEAN, _LATENTS_STD = list(QWEN_IMAGE_LATENT.mean), list(QWEN_IMAGE_LATENT.std)
 
 _FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -71,6 +69,8 @@ def _dit_spec(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     spec: dict = {}
     _linear(spec, "time_text_embed.timestep_embedder.linear_1", dim, 256)
     _linear(spec, "time_text_embed.timestep_embedder.linear_2", dim, dim)
+    if config.get("use_additional_t_cond"):  # Qwen-Image-Layered
+        spec["time_text_embed.addition_t_embedding.weight"] = ((2, dim), _EMBEDDING)
     spec["txt_norm.weight"] = ((text_dim,), _NORM)
     _linear(spec, "img_in", dim, config["in_channels"])
     _linear(spec, "txt_in", dim, text_dim)
@@ -120,7 +120,8 @@ def _vae_spec(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     spec: dict = {}
     # Encoder: flat list of residual blocks with a resample block after every level but the last.
     dims = [base * m for m in [1] + mult]
-    _conv(spec, "encoder.conv_in", dims[0], 3, (3, 3, 3))
+    image_channels = config.get("input_channels", 3)  # 4 for the RGBA (Layered) VAE
+    _conv(spec, "encoder.conv_in", dims[0], image_channels, (3, 3, 3))
     index = 0
     for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
         for _ in range(res_blocks):
@@ -154,7 +155,7 @@ def _vae_spec(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
             if temporal_up[level]:
                 _conv(spec, f"{up}.time_conv", 2 * out_dim, out_dim, (3, 1, 1))
     spec["decoder.norm_out.gamma"] = ((dims[-1], 1, 1, 1), _NORM)
-    _conv(spec, "decoder.conv_out", 3, dims[-1], (3, 3, 3))
+    _conv(spec, "decoder.conv_out", image_channels, dims[-1], (3, 3, 3))
     return spec
 
 
@@ -333,14 +334,18 @@ def make_dit(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: str = 
       could not be checked here; ComfyUI loads either).
     * ``variant="edit2511"``: the Qwen-Image-Edit-2511 flag: the ``__index_timestep_zero__`` marker tensor in a
       Comfy file (what ComfyUI looks for), ``"zero_cond_t": true`` in a diffusers ``config.json``.
+    * ``variant="layered"``: Qwen-Image-Layered: ``time_text_embed.addition_t_embedding`` (the only extra tensor)
+      and, in a diffusers ``config.json``, ``use_additional_t_cond`` / ``use_layer3d_rope``.
     """
-    if variant not in ("plain", "edit2511"):
-        raise ValueError(f"unknown variant {variant!r}; expected 'plain' or 'edit2511'.")
+    if variant not in ("plain", "edit2511", "layered"):
+        raise ValueError(f"unknown variant {variant!r}; expected 'plain', 'edit2511' or 'layered'.")
     config = dict(TINY_DIT if config is None else config)
+    if variant == "layered":
+        config.update(use_additional_t_cond=True, use_layer3d_rope=True)
     spec = _dit_spec(config)
     weights = _random_weights(spec, seed)
     quantize = {name for name, (_, kind) in spec.items() if kind == _LINEAR}
-    stem = "qwen_image" + ("_edit_2511" if variant == "edit2511" else "")
+    stem = "qwen_image" + {"plain": "", "edit2511": "_edit_2511", "layered": "_layered"}[variant]
     out_dir = Path(out_dir)
     if layout == "comfy":
         tensors = _convert(weights, dtype, quantize)
@@ -370,23 +375,27 @@ def make_dit(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: str = 
 
 
 def make_vae(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: str = "bf16", seed: int = 0,
-             config: dict | None = None) -> Path:
+             config: dict | None = None, variant: str = "rgb") -> Path:
     """Write a tiny Qwen-Image (Wan 2.1) VAE; returns the file (``"comfy"``) or folder (``"diffusers"``).
 
     * ``comfy``: one ``.safetensors`` with the original Wan names (``encoder.conv1``, ``encoder.downsamples.N``,
       ``conv1``, ``conv2``, ``decoder.upsamples.N`` ...), as in Comfy-Org's ``qwen_image_vae.safetensors``.
     * ``diffusers``: ``out_dir/qwen_image_vae[_{dtype}]_diffusers/vae``: ``config.json`` (AutoencoderKLQwenImage,
       with the real latents_mean / latents_std) + ``diffusion_pytorch_model.safetensors``.
+    * ``variant="rgba"``: the Qwen-Image-Layered VAE (4 image channels in and out), ``qwen_image_layered_vae*``.
     """
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"VAE dtype must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}.")
-    config = dict(TINY_VAE if config is None else config)
+    if variant not in ("rgb", "rgba"):
+        raise ValueError(f"unknown VAE variant {variant!r}; expected 'rgb' or 'rgba'.")
+    config = dict((TINY_VAE if variant == "rgb" else TINY_RGBA_VAE) if config is None else config)
+    stem = "qwen_image_vae" if variant == "rgb" else "qwen_image_layered_vae"
     spec = _vae_spec(config)
     tensors = _convert(_random_weights(spec, seed), dtype, set())
     suffix = "" if dtype == "bf16" else f"_{dtype}"
     out_dir = Path(out_dir)
     if layout == "comfy":
-        path = out_dir / f"qwen_image_vae{suffix}.safetensors"
+        path = out_dir / f"{stem}{suffix}.safetensors"
         num_res_blocks = config["num_res_blocks"]
         _write_safetensors({diffusers_to_wan(name, num_res_blocks): t for name, t in tensors.items()}, path)
         return path
@@ -399,7 +408,7 @@ def make_vae(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: str = 
         "latents_mean": _LATENTS_MEAN[: config["z_dim"]],
         "latents_std": _LATENTS_STD[: config["z_dim"]],
     }
-    target = out_dir / f"qwen_image_vae{suffix}_diffusers"
+    target = out_dir / f"{stem}{suffix}_diffusers"
     with _AtomicFolder(target, "vae") as tmp:
         _write_json(diffusers_config, tmp / "config.json")
         _write_safetensors(tensors, tmp / "diffusion_pytorch_model.safetensors", {"format": "pt"})
