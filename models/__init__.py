@@ -59,6 +59,10 @@ _EXPORTS = {
     "policy_size": ".qwen_image.edit_geometry",
     "REFERENCE_AREA": ".qwen_image.edit_geometry",
     "EDIT_PLUS_VL_AREA": ".qwen_image.edit_geometry",
+    "LAYERED_RESOLUTIONS": ".qwen_image.layered",
+    "DEFAULT_LAYERS": ".qwen_image.layered",
+    "layered_size": ".qwen_image.layered",
+    "layered_shift": ".qwen_image.layered",
     "controlnet_inpaint_latent": ".qwen_image.controlnet",
     "blockwise_inpaint_latent": ".qwen_image.blockwise_control",
 }

@@ -13,8 +13,8 @@ import torch
 
 import comfy.model_sampling
 
-from ..models import (QWEN_IMAGE_LATENT, TERMINAL_SIGMA, finish_schedule, flow_sigmas, linear_timesteps,
-                      norm_preserving_cfg, resolution_shift)
+from ..models import (QWEN_IMAGE_LATENT, TERMINAL_SIGMA, finish_schedule, flow_sigmas, layered_shift,
+                      linear_timesteps, norm_preserving_cfg, resolution_shift)
 from .common import CATEGORY, mappings
 
 SHIFT_FROM_RESOLUTION = "from the latent's resolution"
@@ -38,7 +38,8 @@ class Scheduler:
     RETURN_TYPES = ("SIGMAS",)
     OUTPUT_TOOLTIPS = ("The noise levels to sample through, ending at 0.",)
     DESCRIPTION = ("The reference Qwen-Image schedule: linear sigmas, exponentially shifted by an amount that grows "
-                   "with the image size, the last one stretched to 0.02. Use with SamplerCustom(Advanced).")
+                   "with the image size (for a layered latent, the Layered reference's shift), the last one "
+                   "stretched to 0.02. Use with SamplerCustom(Advanced).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -67,7 +68,10 @@ class Scheduler:
             sigmas = _model_sigmas(model, total, terminal_sigma or None)
         else:
             samples = latent["samples"]
-            mu = resolution_shift(QWEN_IMAGE_LATENT.image_tokens(samples.shape[-2], samples.shape[-1]))
+            tokens = QWEN_IMAGE_LATENT.image_tokens(samples.shape[-2], samples.shape[-1])
+            # A layered latent (several frames): the Layered reference shifts by its condition image's size.
+            layered = samples.ndim == 5 and samples.shape[2] > 1
+            mu = layered_shift(tokens) if layered else resolution_shift(tokens)
             sigmas = flow_sigmas(total, mu, terminal_sigma or None)
         return (sigmas[-(steps + 1):],)
 

@@ -15,15 +15,20 @@ def _reference(cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: fl
     return comb * (torch.norm(cond_tokens, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 8, 8), (2, 16, 6, 10), (1, 16, 1, 12, 4)])
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """Packed tokens, frame after frame for a multi-frame (layered) latent, as the pipelines pack them."""
+    frames = x.unbind(2) if x.ndim == 5 else (x,)
+    return torch.cat([QWEN_IMAGE_LATENT.pack(frame) for frame in frames], dim=1)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 8, 8), (2, 16, 6, 10), (1, 16, 1, 12, 4), (2, 16, 3, 4, 6)])
 @pytest.mark.parametrize("scale", [1.0, 4.0, 7.5])
 def test_matches_the_reference_rescale(shape, scale):
     torch.manual_seed(0)
     cond, uncond = torch.randn(shape), torch.randn(shape)
     ours = norm_preserving_cfg(cond, uncond, scale, QWEN_IMAGE_LATENT.patch_size)
-    image = lambda t: t[:, :, 0] if t.ndim == 5 else t  # noqa: E731
-    expected = _reference(QWEN_IMAGE_LATENT.pack(image(cond)), QWEN_IMAGE_LATENT.pack(image(uncond)), scale)
-    assert torch.allclose(QWEN_IMAGE_LATENT.pack(image(ours)), expected, atol=1e-6, rtol=1e-5)
+    expected = _reference(_tokens(cond), _tokens(uncond), scale)
+    assert torch.allclose(_tokens(ours), expected, atol=1e-6, rtol=1e-5)
     assert ours.shape == cond.shape
 
 

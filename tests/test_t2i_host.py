@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from models import layered_size
 from tiny_models.configs import TINY_DIT
 from tiny_models.factory import DIT_PREFIX, LORA_TARGETS
 from references import (QWEN_SCHEDULER, comfy_tensors, host_tokenizer_dir, pack, reference_dit,
@@ -74,7 +75,7 @@ def png(path: Path) -> np.ndarray:
 @pytest.mark.parametrize("workflow", sorted(p.name for p in WORKFLOWS.glob("*.json")))
 def test_every_workflow_runs_in_the_host(host, workflow):
     graph = ui_to_api(json.loads((WORKFLOWS / workflow).read_text(encoding="utf-8")), host.object_info())
-    small = {"preset": CUSTOM, "width": 128, "height": 128, "steps": 2, "area": "512x512"}
+    small = {"preset": CUSTOM, "width": 128, "height": 128, "steps": 2, "area": "512x512", "layers": 2}
     for node in graph.values():  # small and quick, whatever the workflow is
         for name, value in small.items():
             if name in node["inputs"] and not isinstance(node["inputs"][name], list):
@@ -83,8 +84,13 @@ def test_every_workflow_runs_in_the_host(host, workflow):
     assert result.images, "the workflow saved no image"
     loaded = [node["inputs"]["image"] for node in graph.values() if node["class_type"] == "LoadImage"]
     empty = any(node["class_type"] == "QIP_EmptyLatent" for node in graph.values())
-    # Generation at the small size; an edit restored to its (last) input image's exact size.
+    # Generation at the small size; an edit restored to its (last) input image's exact size; layers at the size
+    # of the Layered reference's resolution bucket.
     expected = (128, 128) if empty else png(host.input_dir / loaded[-1]).shape[:2]
+    layered = [node["inputs"] for node in graph.values() if node["class_type"] == "QIP_LayeredEncode"]
+    if layered:
+        width, height = layered_size(expected[1], expected[0], int(layered[0]["resolution"]))
+        expected = (height, width)
     for path in result.images:
         image = png(path)
         assert image.shape == (*expected, 3) and image.std() > 1.0  # a real picture, not a constant

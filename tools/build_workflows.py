@@ -61,35 +61,45 @@ def build(nodes: list[Node], note: str) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def loaders(model: str, text_encoder: str = "qwen_2.5_vl_7b.safetensors") -> list[Node]:
+def loaders(model: str, text_encoder: str = "qwen_2.5_vl_7b.safetensors",
+            vae: str = "qwen_image_vae.safetensors") -> list[Node]:
     """Nodes 1-3: the diffusion model, text encoder and VAE loaders."""
     return [
         Node(1, "QIP_DiffusionModelLoader", [model, "auto", "auto (from the file)"], outputs=[("MODEL", "MODEL")]),
         Node(2, "QIP_TextEncoderLoader", [text_encoder, "auto"], outputs=[("QWEN_IMAGE_TEXT_ENCODER",) * 2]),
-        Node(3, "QIP_VAELoader", ["qwen_image_vae.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+        Node(3, "QIP_VAELoader", [vae, "auto"], outputs=[("VAE", "VAE")]),
     ]
 
 
 def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent: tuple, steps: int, prefix: str,
-             restore_to: tuple | None = None) -> list[Node]:
+             restore_to: tuple | None = None, layered: bool = False) -> list[Node]:
     """The reference sampling from node id ``first`` on: true CFG 4, the Qwen-Image Scheduler, euler, decode with
-    the VAE (node 3), optionally Restore Size to ``restore_to``'s image, and save."""
+    the VAE (node 3), optionally Restore Size to ``restore_to``'s image, and save.  ``layered``: plain CFG 4 (the
+    Layered reference does not rescale) and Layered Decode, saving the layers and the whole image."""
     cfg, sigmas, sampler, noise, guider, sample, decode = range(first, first + 7)
-    nodes = [
-        Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=1),
+    guided = model if layered else (cfg, 0, "MODEL")
+    nodes = [] if layered else [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=1)]
+    nodes += [
         Node(sigmas, "QIP_Scheduler", [steps, 1.0, "from the latent's resolution", 0.02],
-             {"model": (cfg, 0, "MODEL"), "latent": latent}, [("SIGMAS", "SIGMAS")], column=2),
+             {"model": guided, "latent": latent}, [("SIGMAS", "SIGMAS")], column=2),
         Node(sampler, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
         Node(noise, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
-        Node(guider, "CFGGuider", [4.0], {"model": (cfg, 0, "MODEL"), "positive": positive, "negative": negative},
+        Node(guider, "CFGGuider", [4.0], {"model": guided, "positive": positive, "negative": negative},
              [("GUIDER", "GUIDER")], column=2),
         Node(sample, "SamplerCustomAdvanced", [],
              {"noise": (noise, 0, "NOISE"), "guider": (guider, 0, "GUIDER"), "sampler": (sampler, 0, "SAMPLER"),
               "sigmas": (sigmas, 0, "SIGMAS"), "latent_image": latent},
              [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
-        Node(decode, "VAEDecode", [], {"samples": (sample, 0, "LATENT"), "vae": (3, 0, "VAE")}, [("IMAGE", "IMAGE")],
-             column=3),
     ]
+    if layered:
+        return nodes + [
+            Node(decode, "QIP_LayeredDecode", [False], {"vae": (3, 0, "VAE"), "samples": (sample, 0, "LATENT")},
+                 [("layers", "IMAGE"), ("whole_image", "IMAGE")], column=3),
+            Node(decode + 1, "SaveImage", [f"{prefix}_layer"], {"images": (decode, 0, "IMAGE")}, column=3),
+            Node(decode + 2, "SaveImage", [f"{prefix}_whole"], {"images": (decode, 1, "IMAGE")}, column=3),
+        ]
+    nodes.append(Node(decode, "VAEDecode", [], {"samples": (sample, 0, "LATENT"), "vae": (3, 0, "VAE")},
+                      [("IMAGE", "IMAGE")], column=3))
     image = (decode, 0, "IMAGE")
     if restore_to is not None:
         nodes.append(Node(decode + 1, "QIP_RestoreSize", [], {"image": image, "original": restore_to},
@@ -127,6 +137,55 @@ needed for editing, no renaming) | `text_encoders/` |
 Quantized weights stay quantized in memory and are dequantized per layer; the modulation layers are dequantized once.
 Reference settings: 50 steps, CFG 4 (true CFG), euler, the Qwen-Image Scheduler.
 """
+
+
+QWEN_IMAGE_2512_NOTE = """\
+**Qwen-Image-2512 text-to-image** (pack: Qwen-Image / QIP)
+
+Qwen-Image-2512 (Dec 2025) is the same architecture as Qwen-Image with more realistic people, finer natural \
+detail and better text rendering; it loads like Qwen-Image (bf16, fp8, GGUF).
+
+| file | folder |
+|---|---|
+| `qwen_image_2512_bf16.safetensors` **or** `qwen_image_2512_fp8_e4m3fn.safetensors` | `diffusion_models/` |
+| `qwen_2.5_vl_7b.safetensors` | `text_encoders/` |
+| `qwen_image_vae.safetensors` | `vae/` |
+
+Recommended settings (model card): 50 steps, CFG 4 (true CFG), 1328x1328 or another official aspect preset, \
+euler, the Qwen-Image Scheduler.
+"""
+
+LAYERED_NOTE = """\
+**Qwen-Image-Layered: decompose an image into RGBA layers** (pack: Qwen-Image / QIP)
+
+| file | folder |
+|---|---|
+| `qwen_image_layered_bf16.safetensors` (or fp8 / GGUF) | `diffusion_models/` |
+| `qwen_2.5_vl_7b.safetensors` | `text_encoders/` |
+| `qwen_image_layered_vae.safetensors` (the RGBA VAE) | `vae/` |
+
+Load your own image (its transparency is used). Describe the whole image in the prompt (the reference writes a \
+caption with Qwen2.5-VL when you give none). Layered Encode sizes it to the 640 (or 1024) bucket; the sampler \
+generates the whole image and the layers; Layered Decode saves each layer as an RGBA PNG.
+Reference settings: 4 layers, resolution 640, 50 steps, CFG 4 (plain CFG: the reference does not rescale), euler, \
+the Qwen-Image Scheduler (it uses the Layered shift for layered latents).
+"""
+
+
+def layered() -> dict:
+    """Decompose an RGBA image into 4 layers with Qwen-Image-Layered."""
+    return build([
+        *loaders("qwen_image_layered_bf16.safetensors", vae="qwen_image_layered_vae.safetensors"),
+        Node(20, "LoadImage", ["qwen_edit_input_masked.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+        Node(7, "QIP_LayeredEncode", ["A photo of a room with a window, a table and a plant in the foreground.", " ",
+                                      4, "640"],
+             {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER"), "vae": (3, 0, "VAE"), "image": (20, 0, "IMAGE"),
+              "alpha_mask": (20, 1, "MASK")},
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
+              ("sized_image", "IMAGE")], column=1),
+        *sampling(8, (1, 0, "MODEL"), (7, 0, "CONDITIONING"), (7, 1, "CONDITIONING"), (7, 2, "LATENT"), 50,
+                  "qwen_image_layered", layered=True),
+    ], LAYERED_NOTE)
 
 
 def text_to_image(model: str, text_encoder: str, note: str) -> dict:
@@ -265,6 +324,9 @@ def main() -> None:
                                              SAFETENSORS_NOTE),
         "qwen_image_t2i_gguf.json": text_to_image("qwen-image-Q8_0.gguf", "Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
                                                   GGUF_NOTE),
+        "qwen_image_2512_t2i.json": text_to_image("qwen_image_2512_bf16.safetensors", "qwen_2.5_vl_7b.safetensors",
+                                                  QWEN_IMAGE_2512_NOTE),
+        "qwen_image_layered.json": layered(),
         "qwen_image_edit.json": edit(1),
         "qwen_image_edit_3_images.json": edit(3),
         "qwen_image_edit_masked.json": edit(1, masked=True),

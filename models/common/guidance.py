@@ -21,10 +21,13 @@ def norm_preserving_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, 
 
 
 def _token_norm(x: torch.Tensor, patch: int) -> torch.Tensor:
-    shape = x.shape
-    x4 = x.reshape(shape[0], -1, shape[-2], shape[-1]).float()
+    """Per-token norm at full resolution, ``[B, 1, H, W]`` (``[B, 1, F, H, W]``: each frame has its own tokens)."""
+    if x.ndim == 5:
+        frames = x.shape[2]
+        norm = _token_norm(x.movedim(2, 1).flatten(0, 1), patch)  # frames into the batch
+        return norm.unflatten(0, (x.shape[0], frames)).movedim(1, 2)
+    height, width = x.shape[-2:]
     # Sum of squares over channels and each patch x patch block, then back to full resolution.
-    block = F.avg_pool2d(x4.square().sum(dim=1, keepdim=True), patch, stride=patch, ceil_mode=True,
+    block = F.avg_pool2d(x.float().square().sum(dim=1, keepdim=True), patch, stride=patch, ceil_mode=True,
                          divisor_override=1)
-    norm = block.sqrt().repeat_interleave(patch, -2).repeat_interleave(patch, -1)[..., : shape[-2], : shape[-1]]
-    return norm.reshape((shape[0],) + (1,) * (len(shape) - 3) + shape[-2:]) if len(shape) == 5 else norm
+    return block.sqrt().repeat_interleave(patch, -2).repeat_interleave(patch, -1)[..., :height, :width]

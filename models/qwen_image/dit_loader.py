@@ -96,6 +96,8 @@ def dit_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, devic
     view = TensorView(tensors, prefix, frozenset({ZERO_COND_MARKER, SCALED_FP8_MARKER}))
     scaled = prefix + SCALED_FP8_MARKER in tensors or any(k.endswith(".scale_weight") for k in tensors)
     variant = ", Edit-2511 zero_cond_t" if config.zero_cond_t else ", Layered" if config.layer3d_rope else ""
+    if "2512" in Path(source).name and not variant:  # same architecture as Qwen-Image: only its name tells
+        variant = ", Qwen-Image-2512 (by its file name)"
     logger.info("Qwen-Image DiT: %d blocks, width %d, %s%s", config.depth, config.width,
                 _weight_format(view, scaled), variant)
     model = model_class(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)

@@ -47,13 +47,13 @@ class HostVAE:
     """The Qwen-Image VAE with the host VAE's interface."""
 
     latent_channels = QWEN_IMAGE_LATENT.channels
-    output_channels = 3
     latent_dim = 3 if QWEN_IMAGE_LATENT.frame_axis else 2  # spatial axes plus the host's frame axis of length 1
     downscale_ratio = SPATIAL_FACTOR
     upscale_ratio = SPATIAL_FACTOR
 
     def __init__(self, vae: QwenImageVAE):
         self.first_stage_model = vae
+        self.output_channels = vae.image_channels  # 4 for the Layered (RGBA) VAE
         self.device = mm.vae_device()
         self.patcher = comfy.model_patcher.ModelPatcher(_Managed(vae), load_device=self.device,
                                                         offload_device=mm.vae_offload_device())
@@ -90,16 +90,19 @@ class HostVAE:
 
     def decode(self, samples: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
                tile_overlap: int | None = None) -> torch.Tensor:
-        latent = samples if samples.ndim == 4 else samples[:, :, 0]
+        """Images ``[B, H, W, C]``; a latent with several frames (a layered latent) gives ``B * frames`` images,
+        frame by frame."""
+        if samples.ndim == 5:
+            samples = samples.movedim(2, 1).flatten(0, 1)  # [B, C, F, h, w] -> [B * F, C, h, w]
         self._load(self.first_stage_model.estimate_decode_bytes(
-            latent.shape[0], latent.shape[-2] * SPATIAL_FACTOR, latent.shape[-1] * SPATIAL_FACTOR))
+            samples.shape[0], samples.shape[-2] * SPATIAL_FACTOR, samples.shape[-1] * SPATIAL_FACTOR))
         images = self.first_stage_model.decode(samples, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
                                                progress=_progress_bar())
         return images.to(mm.intermediate_device())
 
     def encode(self, pixels: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
                tile_overlap: int | None = None) -> torch.Tensor:
-        pixels = self.vae_encode_crop_pixels(pixels[..., :3])
+        pixels = self.vae_encode_crop_pixels(pixels[..., :self.output_channels])
         self._load(self.first_stage_model.estimate_encode_bytes(pixels.shape[0], pixels.shape[1], pixels.shape[2]))
         latent = self.first_stage_model.encode(pixels, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
                                                progress=_progress_bar())

@@ -79,7 +79,8 @@ def _pad_to_patches(latent: torch.Tensor) -> torch.Tensor:
     pad_h, pad_w = -latent.shape[-2] % patch, -latent.shape[-1] % patch
     if not (pad_h or pad_w):
         return latent
-    return F.pad(latent, (0, pad_w, 0, pad_h), mode="replicate")
+    # replicate padding pads every axis after batch and channels: none along a layered latent's frames
+    return F.pad(latent, (0, pad_w, 0, pad_h) + (0, 0) * (latent.ndim - 4), mode="replicate")
 
 
 def as_image_latent(latent: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,8 @@ class HostQwenImageDiT(QwenImageDiT):
                 attention_mask: torch.Tensor | None = None, ref_latents: list[torch.Tensor] | None = None,
                 control=None, transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
         frames = x.ndim == 5
-        latent = as_image_latent(x)
+        layered = frames and x.shape[2] > 1  # Qwen-Image-Layered: the whole image and its layers
+        latent = x if layered else as_image_latent(x)
         height, width = latent.shape[-2:]
         refs = [_pad_to_patches(as_image_latent(r)) for r in ref_latents] if ref_latents else None
         # ControlNet residuals (the host's control dict, summed over chained controls) and blockwise patches.
@@ -119,7 +121,7 @@ class HostQwenImageDiT(QwenImageDiT):
         out = super().forward(_pad_to_patches(latent), timesteps, context, context_mask=attention_mask,
                               ref_latents=refs, control=residuals or None, block_patches=block_patches)
         out = out[..., :height, :width]
-        return out.unsqueeze(2) if frames else out
+        return out.unsqueeze(2) if frames and not layered else out
 
 
 class QwenImageModelConfig(comfy.supported_models_base.BASE):

@@ -639,9 +639,19 @@ def make_blockwise_control(out_dir: str | os.PathLike, *, variant: str = "canny"
     return path
 
 
+def _renamed(path: Path, target: Path) -> Path:
+    """Move a written file to ``target`` (the same weights under another release's file name)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.replace(target)
+    path.parent.rmdir()
+    return target
+
+
 def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """The common set for demos, in ComfyUI's model folders under ``out_dir``: ``diffusion_models/
-    qwen_image_bf16.safetensors`` and ``qwen_image_edit_2511_bf16.safetensors``, ``vae/qwen_image_vae.safetensors``,
+    qwen_image_bf16.safetensors``, ``qwen_image_2512_bf16.safetensors`` (the same architecture under its release's
+    name), ``qwen_image_edit_2511_bf16.safetensors`` and ``qwen_image_layered_bf16.safetensors``,
+    ``vae/qwen_image_vae.safetensors`` and the Layered RGBA ``vae/qwen_image_layered_vae.safetensors``,
     ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors``, the
     InstantX ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``; with ``tokenizer_dir`` (GGUF text encoders carry their
     tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf`` and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf``
@@ -650,7 +660,11 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
     written = {
         "diffusion_model": make_dit(out_dir / "diffusion_models", seed=seed),
         "edit_diffusion_model": make_dit(out_dir / "diffusion_models", variant="edit2511", seed=seed + 1),
+        "diffusion_model_2512": _renamed(make_dit(out_dir / "2512", seed=seed + 2),
+                                         out_dir / "diffusion_models" / "qwen_image_2512_bf16.safetensors"),
+        "layered_diffusion_model": make_dit(out_dir / "diffusion_models", variant="layered", seed=seed + 3),
         "vae": make_vae(out_dir / "vae", seed=seed),
+        "layered_vae": make_vae(out_dir / "vae", variant="rgba", seed=seed + 1),
         "text_encoder": make_text_encoder(out_dir / "text_encoders", seed=seed),
         "lora": make_lora(out_dir / "loras", seed=seed),
         "controlnet": make_controlnet(out_dir / "controlnet", variant="union", layout="comfy", seed=seed),
