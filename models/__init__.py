@@ -43,6 +43,11 @@ _EXPORTS = {
     "GGUFOps": ".io.gguf.layers",
     "QuantizedTensor": ".io.gguf.layers",
     "GGUFError": ".io.gguf.reader",
+    # run options: the seams a host plugs its attention and block hooks into
+    "attention": ".common.attention",
+    "ATTENTION_KERNEL": ".common.attention",
+    "BLOCK_HOOK": ".qwen_image.dit",
+    "BlockCall": ".qwen_image.dit",
     # latents, sampling and images
     "LatentSpec": ".common.latent_spec",
     "QWEN_IMAGE_LATENT": ".qwen_image.latent",

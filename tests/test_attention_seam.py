@@ -84,3 +84,35 @@ def test_vae_attention_goes_through_the_options(files):
     assert torch.allclose(tiled, vae.decode(latent), atol=1e-5) and kernel.calls["full"] == 3
     halved = RecordingKernel(scale=0.5)
     assert not torch.allclose(vae.decode(latent, options={ATTENTION_KERNEL: halved}), vae.decode(latent))
+
+
+def test_a_block_hook_sees_every_block_and_can_replace_one(files):
+    from models import BLOCK_HOOK
+
+    dit = load_diffusion_model(files["dit"])
+    x, t, context, refs = _dit_inputs()
+    plain = dit(x, t, context, ref_latents=refs)
+    seen = []
+
+    def passthrough(call):
+        seen.append(call.index)
+        return call.run(call.img, call.txt, call.temb, call.rope)
+
+    assert torch.equal(dit(x, t, context, ref_latents=refs, options={BLOCK_HOOK: passthrough}), plain)
+    assert seen == list(range(TINY_DIT["num_layers"]))
+
+    def skip_last(call):
+        if call.index == TINY_DIT["num_layers"] - 1:
+            return call.img, call.txt  # the block replaced by the identity
+        return call.run(call.img, call.txt, call.temb, call.rope)
+
+    assert not torch.allclose(dit(x, t, context, ref_latents=refs, options={BLOCK_HOOK: skip_last}), plain)
+
+
+def test_the_dit_traces_under_torch_compile(files):
+    """The RoPE no longer writes through a complex view of a strided slice, which torch.compile could not trace
+    (ComfyUI's TorchCompileModel failed at the first step in fp32)."""
+    dit = load_diffusion_model(files["dit"])
+    x, t, context, refs = _dit_inputs()
+    compiled = torch.compile(dit, backend="aot_eager", fullgraph=False)
+    assert torch.allclose(compiled(x, t, context, ref_latents=refs), dit(x, t, context, ref_latents=refs), atol=1e-6)

@@ -34,11 +34,28 @@ from ..common.ops import CastOps
 from .rope import MSRoPE, apply_rope, split_rope
 
 __all__ = ["DiTConfig", "DoubleStreamTrunk", "QwenImageDiT", "pack_latent", "unpack_latent", "joint_attention_mask",
-           "BlockPatch"]
+           "BlockPatch", "BlockCall", "BLOCK_HOOK"]
 
 _EPS = 1e-6
 # ``patch(block_index, target_image_tokens) -> residual or None``, run after each DiT block.
 BlockPatch = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+# Run-options key of a block hook: ``hook(call: BlockCall) -> (img, txt)`` runs instead of every block call, so a
+# host can replace, wrap or follow blocks (ComfyUI's patches_replace / double_block patches).
+BLOCK_HOOK = "qip_block_hook"
+
+
+@dataclass
+class BlockCall:
+    """One block's call as a hook sees it.  ``run(img, txt, temb, rope) -> (img, txt)`` runs the block (it updates
+    ``img`` and ``txt`` in place); ``temb`` is SiLU of the timestep embedding (one row block per token segment),
+    ``rope`` the rotation table of the joint sequence."""
+
+    index: int
+    img: torch.Tensor
+    txt: torch.Tensor
+    temb: torch.Tensor
+    rope: torch.Tensor
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -372,8 +389,15 @@ class QwenImageDiT(DoubleStreamTrunk):
         mask = joint_attention_mask(context_mask, img.shape[1], device)
 
         interval = math.ceil(len(self.transformer_blocks) / len(control)) if control else 0
+        hook = options.get(BLOCK_HOOK) if options else None
         for index, block in enumerate(self.transformer_blocks):
-            img, txt = block(img, txt, silu_temb, img_sizes, rope, mask, options)
+            if hook is None:
+                img, txt = block(img, txt, silu_temb, img_sizes, rope, mask, options)
+            else:
+                def run(img_, txt_, temb_, rope_, block=block):
+                    return block(img_, txt_, temb_, img_sizes, rope_, mask, options)
+
+                img, txt = hook(BlockCall(index, img, txt, silu_temb, rope, run))
             for patch in block_patches or ():
                 residual = patch(index, img[:, :target_tokens])
                 if residual is not None:

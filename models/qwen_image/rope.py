@@ -83,9 +83,10 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> torch
     """Rotate ``x [B, L, H, D]`` by ``table`` (:func:`rope_table` for ``x``'s dtype, first dim ``L``) into ``out``,
     a ``[B, L, H, D]`` destination that may be a strided view into a larger buffer.  Returns ``out``."""
     if table.is_complex():
-        torch.mul(torch.view_as_complex(x.unflatten(-1, (-1, 2))), table,
-                  out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
-        return out
+        # The product goes through a temporary and is copied into ``out``: writing through a complex view of a
+        # strided slice is what torch.compile cannot trace.  The values are the same complex products.
+        rotated = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table
+        return out.copy_(torch.view_as_real(rotated).flatten(-2))
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
     torch.mul(x, table[0], out=out)
     return out.addcmul_(swapped, table[1])
