@@ -33,6 +33,10 @@ _EXPORTS = {
     "load_text_encoder": ".qwen_image.text_encoder",
     "load_controlnet": ".qwen_image.controlnet",
     "load_blockwise_control": ".qwen_image.blockwise_control",
+    # LoRA files in any trainer's layout, normalised to a model's module names
+    "normalize_lora": ".io.lora",
+    "NormalizedLora": ".io.lora",
+    "LoraReport": ".io.lora",
     # model classes
     "QwenImageDiT": ".qwen_image.dit",
     "DiTConfig": ".qwen_image.dit",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .registry import load_feature_modules
 
 # Feature modules, in the order their nodes appear in the menu.
-FEATURE_MODULES: tuple[str, ...] = ("loaders", "conditioning", "latent", "sampling", "edit", "control", "layered")
+FEATURE_MODULES: tuple[str, ...] = ("loaders", "lora", "conditioning", "latent", "sampling", "edit", "control",
+                                   "layered")
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, FAILED_MODULES = load_feature_modules(FEATURE_MODULES, __name__)

@@ -22,6 +22,7 @@ from tiny_models import factory
 from models.io.weights import open_checkpoint
 from tiny_models.configs import TINY_DIT, TINY_TEXT, TINY_VAE, TINY_VISION
 from models.qwen_image.vae_keys import diffusers_to_wan
+from build_workflows import LIGHTNING_LORAS
 from references import host_tokenizer_dir, wan_named_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -362,6 +363,10 @@ def test_make_all_and_cli_write_the_demo_set(tmp_path, capsys):
         "controlnet": tmp_path / "api" / "controlnet" / "Qwen-Image-InstantX-ControlNet-Union.safetensors",
         "controlnet_inpaint": tmp_path / "api" / "controlnet" / "Qwen-Image-InstantX-ControlNet-Inpainting.safetensors",
         "blockwise_canny": tmp_path / "api" / "model_patches" / "qwen_image_canny_diffsynth_controlnet.safetensors",
+        "diffusion_model_2512": tmp_path / "api" / "diffusion_models" / "qwen_image_2512_bf16.safetensors",
+        "layered_diffusion_model": tmp_path / "api" / "diffusion_models" / "qwen_image_layered_bf16.safetensors",
+        "layered_vae": tmp_path / "api" / "vae" / "qwen_image_layered_vae.safetensors",
+        **{f"lightning_lora_{model}": tmp_path / "api" / "loras" / name for model, name in LIGHTNING_LORAS.items()},
     }
     for role, path in paths.items():
         written = tmp_path / "cli" / path.relative_to(tmp_path / "api")

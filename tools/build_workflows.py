@@ -71,20 +71,41 @@ def loaders(model: str, text_encoder: str = "qwen_2.5_vl_7b.safetensors",
     ]
 
 
+# Lightning LoRAs (lightx2v) are distilled for 4 / 8 steps at CFG 1 with the exponential shift mu = ln 3, which is
+# exactly the AuraFlow / SD3 shift 3: sigma' = 3 s / (1 + 2 s).  Core's ModelSamplingAuraFlow states it with a
+# whole number (our Sampling Shift takes mu itself, and ln 3 does not survive a 0.01-step widget).
+LIGHTNING_SHIFT = 3.0
+LIGHTNING_STEPS = 4
+LORA_ID = 30
+
+
+def lora(name: str, model: tuple = (1, 0, "MODEL")) -> Node:
+    """A Load Qwen-Image LoRA node (id :data:`LORA_ID`) at strength 1 on ``model``."""
+    return Node(LORA_ID, "QIP_LoraLoader", [name, 1.0, 1.0], {"model": model},
+                [("model", "MODEL"), ("text_encoder", "QWEN_IMAGE_TEXT_ENCODER"), ("report", "STRING")], column=1)
+
+
 def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent: tuple, steps: int, prefix: str,
-             restore_to: tuple | None = None, layered: bool = False) -> list[Node]:
+             restore_to: tuple | None = None, layered: bool = False, lightning: bool = False) -> list[Node]:
     """The reference sampling from node id ``first`` on: true CFG 4, the Qwen-Image Scheduler, euler, decode with
     the VAE (node 3), optionally Restore Size to ``restore_to``'s image, and save.  ``layered``: plain CFG 4 (the
-    Layered reference does not rescale) and Layered Decode, saving the layers and the whole image."""
+    Layered reference does not rescale) and Layered Decode, saving the layers and the whole image.  ``lightning``:
+    the Lightning LoRAs' sampling - CFG 1 and shift 3 without the terminal stretch (see :data:`LIGHTNING_NOTE`)."""
     cfg, sigmas, sampler, noise, guider, sample, decode = range(first, first + 7)
     guided = model if layered else (cfg, 0, "MODEL")
-    nodes = [] if layered else [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=1)]
+    if lightning:
+        nodes = [Node(cfg, "ModelSamplingAuraFlow", [LIGHTNING_SHIFT], {"model": model}, [("MODEL", "MODEL")],
+                      column=1)]
+        schedule, guidance = [steps, 1.0, "the model's current shift", 0.0], 1.0
+    else:
+        nodes = [] if layered else [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=1)]
+        schedule, guidance = [steps, 1.0, "from the latent's resolution", 0.02], 4.0
     nodes += [
-        Node(sigmas, "QIP_Scheduler", [steps, 1.0, "from the latent's resolution", 0.02],
-             {"model": guided, "latent": latent}, [("SIGMAS", "SIGMAS")], column=2),
+        Node(sigmas, "QIP_Scheduler", schedule, {"model": guided, "latent": latent}, [("SIGMAS", "SIGMAS")],
+             column=2),
         Node(sampler, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
         Node(noise, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
-        Node(guider, "CFGGuider", [4.0], {"model": guided, "positive": positive, "negative": negative},
+        Node(guider, "CFGGuider", [guidance], {"model": guided, "positive": positive, "negative": negative},
              [("GUIDER", "GUIDER")], column=2),
         Node(sample, "SamplerCustomAdvanced", [],
              {"noise": (noise, 0, "NOISE"), "guider": (guider, 0, "GUIDER"), "sampler": (sampler, 0, "SAMPLER"),
@@ -188,17 +209,20 @@ def layered() -> dict:
     ], LAYERED_NOTE)
 
 
-def text_to_image(model: str, text_encoder: str, note: str) -> dict:
+def text_to_image(model: str, text_encoder: str, note: str, lightning_lora: str | None = None) -> dict:
+    """Text-to-image; with ``lightning_lora``, that LoRA and the Lightning sampling in 4 steps."""
+    dit = (LORA_ID, 0, "MODEL") if lightning_lora else (1, 0, "MODEL")
     return build([
         *loaders(model, text_encoder),
+        *([lora(lightning_lora)] if lightning_lora else []),
         Node(4, "QIP_TextEncode", ["A coffee shop entrance with a chalkboard sign reading \"Qwen Coffee $2 per cup\", "
                                   "a neon light beside it displaying \"通义千问\", ultra HD, 4K, cinematic composition.",
                                   " "],
              {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
              [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
         Node(5, "QIP_EmptyLatent", ["1328x1328 (1:1)", 1024, 1024, 1], outputs=[("LATENT", "LATENT")], column=1),
-        *sampling(6, (1, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (5, 0, "LATENT"), 50,
-                  "qwen_image"),
+        *sampling(6, dit, (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (5, 0, "LATENT"),
+                  LIGHTNING_STEPS if lightning_lora else 50, "qwen_image", lightning=bool(lightning_lora)),
     ], note)
 
 
@@ -226,8 +250,9 @@ EDIT_PROMPTS = {
 }
 
 
-def edit(images: int, masked: bool = False) -> dict:
-    """Edit with ``images`` input images (Edit-2509/2511 mode); ``masked``: the first image's alpha is the mask."""
+def edit(images: int, masked: bool = False, lightning_lora: str | None = None) -> dict:
+    """Edit with ``images`` input images (Edit-2509/2511 mode); ``masked``: the first image's alpha is the mask;
+    ``lightning_lora``: that LoRA and the Lightning sampling in 4 steps."""
     names = ["qwen_edit_input_masked.png"] if masked else [f"qwen_edit_input_{i + 1}.png" for i in range(images)]
     loads = [Node(20 + i, "LoadImage", [name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
              for i, name in enumerate(names)]
@@ -237,16 +262,52 @@ def edit(images: int, masked: bool = False) -> dict:
     if masked:
         edit_inputs["mask"] = (20, 1, "MASK")
     prompt = "Replace the masked area with a small wooden cabin." if masked else EDIT_PROMPTS.get(images, "")
+    dit = (LORA_ID, 0, "MODEL") if lightning_lora else (1, 0, "MODEL")
     return build([
         *loaders("qwen_image_edit_2511_bf16.safetensors"),
+        *([lora(lightning_lora)] if lightning_lora else []),
         *loads,
         Node(7, "QIP_EditEncode", [prompt, " ", "Qwen-Image-Edit-2509 / 2511 (one or more images)",
                                    "1024x1024 (reference)", "same as the references", 32, "last image"],
              edit_inputs, [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
                            ("sized_images", "IMAGE")], column=1),
-        *sampling(8, (1, 0, "MODEL"), (7, 0, "CONDITIONING"), (7, 1, "CONDITIONING"), (7, 2, "LATENT"), 40,
-                  "qwen_image_edit", restore_to=(20 + images - 1, 0, "IMAGE")),
-    ], EDIT_NOTE)
+        *sampling(8, dit, (7, 0, "CONDITIONING"), (7, 1, "CONDITIONING"), (7, 2, "LATENT"),
+                  LIGHTNING_STEPS if lightning_lora else 40, "qwen_image_edit",
+                  restore_to=(20 + images - 1, 0, "IMAGE"), lightning=bool(lightning_lora)),
+    ], lightning_note("Qwen-Image-Edit-2511", "qwen_image_edit_2511_bf16.safetensors", lightning_lora,
+                      EDIT_LIGHTNING_HINT) if lightning_lora else EDIT_NOTE)
+
+
+# The Lightning LoRAs' released file names (lightx2v); tiny_models/loras.py writes tiny ones under these names.
+LIGHTNING_LORAS = {
+    "qwen_image": "Qwen-Image-Lightning-4steps-V1.0.safetensors",
+    "qwen_image_2512": "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors",
+    "edit_2511": "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
+}
+
+LIGHTNING_NOTE = """\
+**{title} in 4 steps with a Lightning LoRA** (pack: Qwen-Image / QIP)
+
+| file | folder |
+|---|---|
+| `{model}` (or the scaled fp8 file) | `diffusion_models/` |
+| `{lora}` (lightx2v; the 8-step LoRA works the same with 8 steps) | `loras/` |
+| `qwen_2.5_vl_7b.safetensors` | `text_encoders/` |
+| `qwen_image_vae.safetensors` | `vae/` |
+{hint}
+Lightning settings (the distillation's): 4 steps, CFG 1 (one model call per step, no negative pass), euler, shift 3 \
+(ModelSamplingAuraFlow 3, the same curve as the reference's exponential shift mu = ln 3) and the Qwen-Image Scheduler \
+following the model's shift with terminal sigma 0 (the Lightning schedule is not stretched to 0.02).
+On a plain (unscaled) fp8 model use the fp8-distilled Lightning LoRA instead: a bf16 one gives grid artifacts there, \
+and the LoRA node warns.
+"""
+EDIT_LIGHTNING_HINT = """
+Load your own image. Edit Encode sizes it for both branches, Restore Size maps the result back to its exact size.
+"""
+
+
+def lightning_note(title: str, model: str, lora_name: str, hint: str = "") -> str:
+    return LIGHTNING_NOTE.format(title=title, model=model, lora=lora_name, hint=hint)
 
 
 CONTROL_NOTE = """\
@@ -334,6 +395,15 @@ def main() -> None:
         "qwen_image_controlnet_depth.json": control("depth"),
         "qwen_image_controlnet_inpaint.json": control("inpaint"),
         "qwen_image_diffsynth_canny.json": control("diffsynth"),
+        "qwen_image_t2i_lightning.json": text_to_image(
+            "qwen_image_bf16.safetensors", "qwen_2.5_vl_7b.safetensors",
+            lightning_note("Qwen-Image", "qwen_image_bf16.safetensors", LIGHTNING_LORAS["qwen_image"]),
+            LIGHTNING_LORAS["qwen_image"]),
+        "qwen_image_2512_t2i_lightning.json": text_to_image(
+            "qwen_image_2512_bf16.safetensors", "qwen_2.5_vl_7b.safetensors",
+            lightning_note("Qwen-Image-2512", "qwen_image_2512_bf16.safetensors", LIGHTNING_LORAS["qwen_image_2512"]),
+            LIGHTNING_LORAS["qwen_image_2512"]),
+        "qwen_image_edit_lightning.json": edit(1, lightning_lora=LIGHTNING_LORAS["edit_2511"]),
     }
     for name, workflow in outputs.items():
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

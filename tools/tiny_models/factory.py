@@ -441,7 +441,7 @@ def _hf_text_encoder_config(text: dict, vision: dict, dtype: str) -> dict:
 
 
 def make_text_encoder(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: str = "bf16", seed: int = 0,
-                      tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                      tokenizer_dir: str | os.PathLike | None = None, hidden_size: int | None = None) -> Path:
     """Write a tiny Qwen2.5-VL condition encoder (real 152064-token vocabulary); returns file or folder.
 
     * ``comfy``: one ``.safetensors`` like Comfy-Org's ``qwen_2.5_vl_7b*.safetensors``: ``model.layers.N...``,
@@ -452,8 +452,13 @@ def make_text_encoder(out_dir: str | os.PathLike, *, layout: str = "comfy", dtyp
       ``text_encoder`` folder: ``config.json``, 2 shards
       ``model-0000i-of-00002.safetensors`` with the same (transformers 4.x) names, and the index.  With
       ``tokenizer_dir``, its ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` are copied alongside.
+    * ``hidden_size``: another language-model width (the vision tower's output follows), e.g. an encoder that does
+      not fit the tiny DiT, as a Qwen2.5-VL-3B does not fit Qwen-Image.
     """
-    spec = _text_encoder_spec(TINY_TEXT, TINY_VISION)
+    text, vision = TINY_TEXT, TINY_VISION
+    if hidden_size is not None:
+        text, vision = {**text, "hidden_size": hidden_size}, {**vision, "out_hidden_size": hidden_size}
+    spec = _text_encoder_spec(text, vision)
     weights = _random_weights(spec, seed)
     quantize = {name for name, (_, kind) in spec.items() if kind == _LINEAR and name != "lm_head.weight"}
     out_dir = Path(out_dir)
@@ -470,7 +475,7 @@ def make_text_encoder(out_dir: str | os.PathLike, *, layout: str = "comfy", dtyp
         raise ValueError(f"an HF text_encoder folder holds bf16 or fp32 weights, got {dtype!r}.")
     target = out_dir / f"qwen_2.5_vl_7b_{dtype}_hf"
     with _AtomicFolder(target, "text_encoder") as tmp:
-        _write_json(_hf_text_encoder_config(TINY_TEXT, TINY_VISION, dtype), tmp / "config.json")
+        _write_json(_hf_text_encoder_config(text, vision, dtype), tmp / "config.json")
         _write_sharded(_convert(weights, dtype, quantize), tmp, "model", num_shards=2)
         if tokenizer_dir is not None:
             for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
@@ -652,10 +657,11 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
     qwen_image_bf16.safetensors``, ``qwen_image_2512_bf16.safetensors`` (the same architecture under its release's
     name), ``qwen_image_edit_2511_bf16.safetensors`` and ``qwen_image_layered_bf16.safetensors``,
     ``vae/qwen_image_vae.safetensors`` and the Layered RGBA ``vae/qwen_image_layered_vae.safetensors``,
-    ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors``, the
-    InstantX ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``; with ``tokenizer_dir`` (GGUF text encoders carry their
-    tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf`` and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf``
-    with its mmproj file."""
+    ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors`` and the
+    Lightning LoRAs under their released names (:data:`tiny_models.loras.LIGHTNING_LORAS`), the InstantX
+    ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``; with
+    ``tokenizer_dir`` (GGUF text encoders carry their tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf``
+    and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf`` with its mmproj file."""
     out_dir = Path(out_dir)
     written = {
         "diffusion_model": make_dit(out_dir / "diffusion_models", seed=seed),
@@ -671,6 +677,10 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
         "controlnet_inpaint": make_controlnet(out_dir / "controlnet", variant="inpaint", layout="comfy", seed=seed),
         "blockwise_canny": make_blockwise_control(out_dir / "model_patches", variant="canny", seed=seed),
     }
+    from .loras import make_lightning_loras  # it builds on this module
+
+    written.update({f"lightning_lora_{model}": path
+                    for model, path in make_lightning_loras(out_dir / "loras", seed=seed).items()})
     if tokenizer_dir is not None:
         from .gguf_factory import make_dit_gguf, make_text_encoder_gguf  # it builds on this module
 
