@@ -16,7 +16,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = REPO_ROOT / "models"
 SHARED_FOLDERS = {"io", "common", "encoders"}
-FAMILY_FOLDERS = {"qwen_image"}
+FAMILY_FOLDERS = {"qwen_image", "qwen_image_2_1"}
 
 # Qwen-Image 1.x facts that belong in models/qwen_image/ only.
 FAMILY_FACTS = {
