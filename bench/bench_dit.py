@@ -9,13 +9,15 @@ Modes (run from the repository root with the project venv's python):
   blocks, 2-4 GB) compared with the file size, and the same for an fp8 file (which must stay 1 byte/weight).
 * ``gpu``: bf16 on CUDA, 1328x1328, all 60 blocks of synthetic weights generated on the device; seconds per step
   and achieved TFLOP/s (matmul + attention FLOPs), diffusers on the same tensors alongside (``--no-diffusers``
-  to skip it).
+  to skip it); ``--gguf Q4_K_M`` also times a synthetic GGUF of that layout (written to ``--tmp``, ~13 GB for 60
+  blocks) against ours in bf16.
 
 Examples::
 
     python bench/bench_dit.py step --blocks 2 --reps 3
     python bench/bench_dit.py memory --blocks 5
     python bench/bench_dit.py gpu --blocks 60 --reps 5
+    python bench/bench_dit.py gpu --blocks 60 --no-diffusers --gguf Q4_K_M
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
+from models.io.gguf.reader import GGMLType  # noqa: E402
 from models.qwen_image.dit import DiTConfig, QwenImageDiT  # noqa: E402
 from models.qwen_image.latent import QWEN_IMAGE_LATENT  # noqa: E402
 from tiny_models.configs import FULL_DIT  # noqa: E402
@@ -168,6 +172,7 @@ def mode_step(args) -> None:
 
 # --- memory -------------------------------------------------------------------------------------------------------
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
+_GGUF_FLOATS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 
 
 def write_synthetic_file(path: Path, blocks: int, fp8: bool) -> int:
@@ -212,6 +217,28 @@ print(json.dumps({{"after_import_kb": after_import, "peak_kb": peak, "weights": 
 """
 
 
+def write_synthetic_gguf(path: Path, blocks: int, tensor_type: Callable[[str, tuple[int, ...]], GGMLType]) -> Path:
+    """A full-width GGUF DiT (arch ``qwen_image``, ``blocks`` blocks) with ``tensor_type(name, shape)`` per tensor:
+    random valid blocks of :func:`synthetic_value`'s scale, float tensors as :func:`synthetic_value` draws them.
+    Streamed one tensor at a time."""
+    from bench_gguf import valid_blocks
+    from models.io.gguf.writer import GGUFWriter
+
+    model = QwenImageDiT(full_config(blocks), device="meta", dtype=torch.bfloat16)
+    writer = GGUFWriter(path, "qwen_image")
+    for index, (name, param) in enumerate(model.named_parameters()):
+        shape, qtype = tuple(param.shape), tensor_type(name, tuple(param.shape))
+        if qtype in _GGUF_FLOATS:
+            def data(n=name, s=shape, q=qtype, i=index):
+                value = synthetic_value(n, s, torch.float32, "cpu", torch.Generator().manual_seed(i))
+                return value.to(_GGUF_FLOATS[q])
+        else:
+            def data(s=shape, q=qtype, i=index):
+                return valid_blocks(q.name, s, 1.0 / math.sqrt(s[-1]), i).tobytes()
+        writer.add_tensor(name, data, qtype, shape)
+    return writer.write()
+
+
 def measure_load(path: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT.format(repo=str(REPO), path=str(path))],
                          capture_output=True, text=True, check=True)
@@ -254,8 +281,31 @@ def mode_gpu(args) -> None:
         times = {"ours": statistics.median(timed(run_ours, device, ours, *inputs)[0] for _ in range(args.reps))}
     for who, seconds in times.items():
         print(f"  {who:<10} {seconds:8.3f} s/step   {flops / seconds / 1e12:7.1f} TFLOP/s")
+    if args.gguf:
+        del reference
+        gguf_step(args, ours, inputs)
     if device.startswith("cuda"):
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def gguf_step(args, ours, inputs) -> None:
+    """The same step with a synthetic GGUF of ``args.gguf``'s layout (e.g. Q4_K_M: the usual Qwen-Image rules),
+    loaded like a file (packed weights, the one-vector cache on by default), alternating with the bf16 model."""
+    from models import load_diffusion_model
+    from models.io.gguf.quantize import dit_tensor_type
+
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        path = write_synthetic_gguf(Path(tmp) / "dit.gguf", args.blocks,
+                                    lambda name, shape: dit_tensor_type(name, shape, args.gguf, args.blocks))
+        size = path.stat().st_size
+        model = load_diffusion_model(path, dtype=torch.bfloat16, device=args.device)
+    timed(run_ours, args.device, model, *inputs)
+    pairs = [(timed(run_ours, args.device, ours, *inputs)[0], timed(run_ours, args.device, model, *inputs)[0])
+             for _ in range(args.reps)]
+    bf16, gguf = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    print(f"  gguf {args.gguf} ({size / 1e9:.2f} GB file): {gguf:8.3f} s/step vs bf16 {bf16:.3f} s: "
+          f"{gguf / bf16:.3f}x (goal at 1328x1328: <= 1.15x); median ratio of pairs "
+          f"{statistics.median(g / b for b, g in pairs):.3f}x")
 
 
 def main() -> None:
@@ -267,7 +317,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per model")
     parser.add_argument("--device", default="cuda", help="gpu mode: torch device")
     parser.add_argument("--no-diffusers", action="store_true", help="gpu mode: time ours only")
-    parser.add_argument("--tmp", default=None, help="memory mode: folder for the temporary file")
+    parser.add_argument("--gguf", default=None, help="gpu mode: also time a synthetic GGUF of this type or preset "
+                        "(e.g. Q4_K_M) against ours in bf16")
+    parser.add_argument("--tmp", default=None, help="memory / gguf: folder for the temporary file")
     args = parser.parse_args()
     args.blocks = args.blocks or {"step": 2, "memory": 5, "gpu": 60}[args.mode]
     args.size = args.size or (1328 if args.mode == "gpu" else 1024)

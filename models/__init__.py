@@ -37,6 +37,9 @@ _EXPORTS = {
     "normalize_lora": ".io.lora",
     "NormalizedLora": ".io.lora",
     "LoraReport": ".io.lora",
+    "load_diffusion_model_2_1": ".qwen_image_2_1.dit_loader",
+    "load_vae_2_1": ".qwen_image_2_1.vae",
+    "load_text_encoder_2_1": ".qwen_image_2_1.text_encoder",
     # model classes
     "QwenImageDiT": ".qwen_image.dit",
     "DiTConfig": ".qwen_image.dit",
@@ -44,6 +47,9 @@ _EXPORTS = {
     "TextEncoder": ".encoders.qwen25vl.encoder",
     "QwenImageControlNet": ".qwen_image.controlnet",
     "BlockwiseControl": ".qwen_image.blockwise_control",
+    "QwenImage21DiT": ".qwen_image_2_1.dit",
+    "QwenImage21VAE": ".qwen_image_2_1.vae",
+    "PrefixCache": ".qwen_image_2_1.prefix_cache",
     "GGUFOps": ".io.gguf.layers",
     "QuantizedTensor": ".io.gguf.layers",
     "GGUFError": ".io.gguf.reader",
@@ -55,6 +61,7 @@ _EXPORTS = {
     # latents, sampling and images
     "LatentSpec": ".common.latent_spec",
     "QWEN_IMAGE_LATENT": ".qwen_image.latent",
+    "QWEN_IMAGE_2_1_LATENT": ".qwen_image_2_1.latent",
     "ASPECT_PRESETS": ".qwen_image.latent",
     "QWEN_IMAGE_TEMPLATES": ".qwen_image.templates",
     "flow_sigmas": ".common.schedule",

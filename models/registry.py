@@ -4,12 +4,14 @@
 returns a :class:`FileIdentity` ``(family, role, layout, variant)`` with a sentence for people.  Every loader
 checks its file with :func:`expect`, so every wrong-file message comes from here: a Flux model in the DiT
 loader, a DiffSynth patch in the ControlNet loader, an SDXL checkpoint in the VAE loader, and files of our
-families that the pack does not run yet ("a Qwen-Image 2.1 DiT: not supported yet") are named as what they are.
+families that the pack does not run yet (e.g. "a Qwen3-VL text encoder GGUF (Qwen-Image 2.1): not supported yet")
+are named as what they are.
 
 Families: ``qwen_image`` (Qwen-Image 20B: T2I, 2512, Edit, Edit-2509/2511, Layered), ``qwen_image_2_1``, and the
 foreign ones we recognise to say so (``flux``, ``sd3``, ``sdxl``, ``sd1``, ``sd``, ``wan``, ``clip``, ``t5``,
-``qwen3``, ``llm``).  Roles: ``diffusion_model``, ``vae``, ``text_encoder``, ``vision_projector``,
-``controlnet``, ``model_patch``, ``lora``, ``checkpoint`` (a full SD-style checkpoint), ``unknown``.
+``qwen3``, ``llm``, and ``qwen2.5``: a Qwen2.5(-VL) of another size than the 7B, e.g. the 3B).  Roles:
+``diffusion_model``, ``vae``, ``text_encoder``, ``vision_projector``, ``controlnet``, ``model_patch``, ``lora``,
+``checkpoint`` (a full SD-style checkpoint), ``unknown``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ _LOAD_FUNCTIONS = {
     ("qwen_image", "text_encoder"): ("qwen_image.text_encoder", "load_text_encoder"),
     ("qwen_image", "controlnet"): ("qwen_image.controlnet", "load_controlnet"),
     ("qwen_image", "model_patch"): ("qwen_image.blockwise_control", "load_blockwise_control"),
+    ("qwen_image_2_1", "diffusion_model"): ("qwen_image_2_1.dit_loader", "load_diffusion_model_2_1"),
+    ("qwen_image_2_1", "vae"): ("qwen_image_2_1.vae", "load_vae_2_1"),
+    ("qwen_image_2_1", "text_encoder"): ("qwen_image_2_1.text_encoder", "load_text_encoder_2_1"),
 }
+# Where a Qwen-Image 2.1 file goes: its own loaders (the 1.x ones build another architecture).
+_ADVICE_2_1 = "Load it with the Qwen-Image 2.1 {} loader (Load Qwen-Image 2.1 {})."
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class FileIdentity:
     description: str = ""
     prefix: str = ""
     supported: bool = False
+    advice: str = ""  # what to do instead, when the generic advice of its family and role does not fit
 
 
 @dataclass
@@ -80,6 +88,13 @@ class _Header:
 
     def prefixed(self, prefix: str) -> bool:
         return any(n.startswith(prefix) for n in self.names)
+
+    def dim(self, name: str, axis: int) -> int | None:
+        """Size of one axis of a tensor; None when the tensor is absent or has fewer axes (a damaged file)."""
+        if name not in self.names:
+            return None
+        shape = self.shape(name)
+        return shape[axis] if len(shape) > axis else None
 
     def layout(self, single_file: str = "comfy", folder: str = "diffusers") -> str:
         return "gguf" if self.arch is not None else folder if self.config is not None else single_file
@@ -109,8 +124,8 @@ def identify(source: str | os.PathLike | Mapping) -> FileIdentity:
 
 
 def _classify(h: _Header) -> FileIdentity:
-    for rule in (_gguf_arch, _lora, _full_checkpoint, _qwen_image_trunk, _qwen_image_2_1_dit, _diffsynth_patch,
-                 _other_diffusion, _vae, _text_encoder):
+    for rule in (_qwen25_of_another_size, _gguf_arch, _lora, _full_checkpoint, _qwen_image_trunk,
+                 _qwen_image_2_1_dit, _diffsynth_patch, _other_diffusion, _vae, _text_encoder):
         found = rule(h)
         if found is not None:
             return found
@@ -135,6 +150,29 @@ def _gguf_arch(h: _Header) -> FileIdentity | None:
     if h.arch == "flux":
         return FileIdentity("flux", "diffusion_model", "gguf", description="a Flux diffusion model (GGUF)")
     return FileIdentity(h.arch, "unknown", "gguf", description=f"a '{h.arch}' GGUF model")
+
+
+# Widths of the Qwen2.5 sizes other than the 7B, whose 3584-wide conditioning every Qwen-Image DiT reads.
+_QWEN25_OTHER_SIZES = {896: "0.5B", 1536: "1.5B", 2048: "3B", 5120: "14B / 32B", 8192: "72B"}
+_TEXT_WIDTH = 3584
+
+
+def _qwen25_of_another_size(h: _Header) -> FileIdentity | None:
+    """A Qwen2.5(-VL) text encoder of a size Qwen-Image cannot read (e.g. the 3B): refused where it is loaded,
+    not at the sampler."""
+    found = _gguf_arch(h) if h.arch is not None else _text_encoder(h)
+    if found is None or (found.family, found.role) != ("qwen_image", "text_encoder"):
+        return None
+    width = next((w for n in ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                              "token_embd.weight") if (w := h.dim(n, 1)) is not None), None)
+    if width not in _QWEN25_OTHER_SIZES:
+        return None
+    model = "Qwen2.5-VL" if found.variant == "qwen2.5-vl" else "Qwen2.5"
+    return FileIdentity("qwen2.5", "text_encoder", found.layout, f"{width}-wide",
+                        f"a {model} model of the {_QWEN25_OTHER_SIZES[width]} size ({width} wide)",
+                        advice=f"Qwen-Image reads the {_TEXT_WIDTH}-wide conditioning of Qwen2.5-VL-7B: "
+                               "load qwen_2.5_vl_7b*.safetensors (or a Qwen2.5-VL-7B GGUF) from "
+                               "models/text_encoders instead.")
 
 
 _LORA_FRAGMENTS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".lokr_w1", ".hada_w1_a", "lora_A.weight")
@@ -177,7 +215,7 @@ def _qwen_image_trunk(h: _Header) -> FileIdentity | None:
     if prefix is None:
         return None
     if h.has(prefix + "controlnet_x_embedder.weight"):
-        extra = h.shape(prefix + "controlnet_x_embedder.weight")[1] - h.shape(prefix + "img_in.weight")[1]
+        extra = (h.dim(prefix + "controlnet_x_embedder.weight", 1) or 0) - (h.dim(prefix + "img_in.weight", 1) or 0)
         variant = "inpaint" if extra > 0 else "union"
         return FileIdentity("qwen_image", "controlnet", h.layout(), variant,
                             f"an InstantX Qwen-Image ControlNet ({'Inpainting' if extra > 0 else 'Union'})",
@@ -197,15 +235,15 @@ def _qwen_image_trunk(h: _Header) -> FileIdentity | None:
 def _qwen_image_2_1_dit(h: _Header) -> FileIdentity | None:
     for prefix in (COMFY_DIT_PREFIX, ""):
         if h.has(prefix + "modulation.1.weight", prefix + "txt_in.in_layer.weight"):
-            return FileIdentity("qwen_image_2_1", "diffusion_model", h.layout(), "",
-                                "a Qwen-Image 2.1 DiT: not supported yet by this pack", prefix)
+            return FileIdentity("qwen_image_2_1", "diffusion_model", h.layout(), "", "a Qwen-Image 2.1 DiT", prefix,
+                                supported=True, advice=_ADVICE_2_1.format("diffusion model", "Diffusion Model"))
     return None
 
 
 def _diffsynth_patch(h: _Header) -> FileIdentity | None:
     if not h.has("controlnet_blocks.0.x_rms.weight", "img_in.weight"):
         return None
-    inpaint = h.shape("img_in.weight")[1] % 64 != 0
+    inpaint = (h.dim("img_in.weight", 1) or 0) % 64 != 0
     return FileIdentity("qwen_image", "model_patch", "diffsynth", "inpaint" if inpaint else "",
                         "a DiffSynth blockwise ControlNet (a Qwen-Image model patch)", supported=True)
 
@@ -261,11 +299,13 @@ def _video_vae(h: _Header, prefix: str) -> FileIdentity | None:
     else:
         return None
     shape = h.shape(conv_in)
-    z_dim = h.shape(post)[0] if h.has(post) else None
+    z_dim = h.dim(post, 0)
     if len(shape) != 5:
         return FileIdentity("unknown", "vae", layout, description="a VAE", prefix=prefix)
     if z_dim == 48:
         return FileIdentity("wan", "vae", layout, "wan2.2", "the Wan 2.2 VAE (48 latent channels)", prefix)
+    if z_dim == 64 and shape[2] == 1:  # Comfy-Org's 2.1 VAE: Wan 2.2 names, 2D kernels stored with time size 1
+        return _vae_2_1(layout, prefix)
     if z_dim == 16 and shape[1] == 3:
         return FileIdentity("qwen_image", "vae", layout, "", "the Qwen-Image VAE", prefix, supported=True)
     if z_dim == 16 and shape[1] == 4:
@@ -275,17 +315,20 @@ def _video_vae(h: _Header, prefix: str) -> FileIdentity | None:
                         f"a video VAE with {z_dim} latent channels and input convolution {shape}", prefix)
 
 
+def _vae_2_1(layout: str, prefix: str) -> FileIdentity:
+    return FileIdentity("qwen_image_2_1", "vae", layout, "rgba", "the Qwen-Image 2.1 VAE (64 latent channels, 16x, RGBA)",
+                        prefix, supported=True, advice=_ADVICE_2_1.format("VAE", "VAE"))
+
+
 def _image_vae(h: _Header, prefix: str) -> FileIdentity:
     """2D VAEs: SD / SDXL (4 latent channels), Flux / SD3 (16), Qwen-Image 2.1 (64, RGBA, 16x)."""
-    latent = next((h.shape(prefix + k) for k in ("quant_conv.weight", "encoder.conv_out.weight")
+    latent = next((h.dim(prefix + k, 0) for k in ("quant_conv.weight", "encoder.conv_out.weight")
                    if h.has(prefix + k)), None)
-    channels = latent[0] // 2 if latent else None
-    image_channels = h.shape(prefix + "encoder.conv_in.weight")[1] if h.has(prefix + "encoder.conv_in.weight") else 3
+    channels = latent // 2 if latent else None
+    image_channels = h.dim(prefix + "encoder.conv_in.weight", 1) or 3
     layout = "diffusers" if h.prefixed(prefix + "encoder.down_blocks.") else "comfy"
     if image_channels == 4 or channels == 64:
-        return FileIdentity("qwen_image_2_1", "vae", layout, "rgba",
-                            "the Qwen-Image 2.1 VAE (64 latent channels, 16x, RGBA): not supported yet by this pack",
-                            prefix)
+        return _vae_2_1(layout, prefix)
     family, kind = {4: ("sd", "an SD 1.x / SDXL-style VAE"), 16: ("flux", "a Flux / SD3-style VAE")}.get(
         channels, ("unknown", "a 2D image VAE"))
     return FileIdentity(family, "vae", layout, "", f"{kind} ({channels} latent channels, 2D convolutions)", prefix)
@@ -302,7 +345,8 @@ def _text_encoder(h: _Header) -> FileIdentity | None:
     if has("model.layers.0.self_attn.q_norm.weight"):
         if vision or any("deepstack" in n for n in names):
             return FileIdentity("qwen_image_2_1", "text_encoder", layout, "qwen3-vl",
-                                "a Qwen3-VL text encoder (Qwen-Image 2.1): not supported yet by this pack")
+                                "a Qwen3-VL text encoder (Qwen-Image 2.1)", supported=True,
+                                advice=_ADVICE_2_1.format("text encoder", "Text Encoder"))
         return FileIdentity("qwen3", "text_encoder", layout, "",
                             "a Qwen3-style language model (q/k norms), not Qwen2.5")
     if has("model.embed_tokens.weight") and has("model.layers.0.self_attn.q_proj.bias"):
@@ -339,7 +383,9 @@ def expect(source: str | os.PathLike | Mapping, family: str, roles: tuple[str, .
 def refusal(source: str, identity: FileIdentity, expected: str, required: tuple[str, ...] = (),
             gguf: bool = False) -> WeightFileError:
     """The error for a file that is ``identity`` where ``expected`` was needed."""
-    if identity.supported and identity.role in _LOADERS:
+    if identity.advice:
+        advice = identity.advice
+    elif identity.supported and identity.role in _LOADERS:
         loader, folder = _LOADERS[identity.role]
         advice = f"Load it with {loader} ({folder})."
     elif identity.family in ("qwen_image", "qwen_image_2_1"):

@@ -31,7 +31,7 @@ class TextEncode:
     def encode(self, text_encoder, prompt: str, negative_prompt: str):
         positive = text_encoder.encode(prompt, template="t2i")
         negative = text_encoder.encode(negative_prompt, template="t2i")
-        return ([[positive, {}]], [[negative, {}]])
+        return (text_encoder.conditioning(positive), text_encoder.conditioning(negative))
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(TextEncode)

@@ -21,11 +21,21 @@ import comfy.model_patcher
 from ..models import (QWEN_IMAGE_LATENT, blockwise_inpaint_latent, controlnet_inpaint_latent, load_blockwise_control,
                       load_controlnet, resize_images)
 from .common import BLOCKWISE_TYPE, CATEGORY, mappings, weight_dtype_input
-from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, model_input, resolve
+from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, model_input
 from .host.model import BLOCKWISE_PATCHES, QwenImageLatentFormat, as_image_latent
 from .host.ops import compute_dtype, host_ops
 
 logger = logging.getLogger("qwen_image")
+CANNY_MIN_SIDE = 3  # the edge filters' 5x5 smoothing needs more than 2 pixels a side
+
+
+def control_image(image: torch.Tensor) -> torch.Tensor:
+    """The apply nodes' image input as RGB ``[B,H,W,3]``: a gray (1-channel) map is repeated, alpha dropped; any
+    other shape is refused here, at the apply node, instead of failing later in the sampler."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
+        raise ValueError(f"image: a control image is an IMAGE [batch, height, width, channels] with 1 (gray), 3 (RGB) "
+                         f"or 4 (RGBA) channels and at least one picture; got shape {list(image.shape)}.")
+    return image.expand(-1, -1, -1, 3) if image.shape[-1] == 1 else image[..., :3]
 
 
 def _encode_control(vae, image: torch.Tensor, latent: torch.Tensor, black_out: torch.Tensor | None = None):
@@ -158,10 +168,11 @@ class ControlNetLoader:
         }}
 
     def load(self, control_net_name: str, weight_dtype: str):
-        path = resolve("controlnet", control_net_name)
         load_device = mm.get_torch_device()
         compute = compute_dtype(weight_dtype, load_device)
-        module = load_controlnet(path, dtype=compute, device=mm.unet_offload_device(), ops=host_ops(path, compute)[0])
+        with chosen_file("controlnet", "control_net_name", control_net_name) as path:
+            module = load_controlnet(path, dtype=compute, device=mm.unet_offload_device(),
+                                     ops=host_ops(path, compute)[0])
         logger.info("Qwen-Image ControlNet: %s (%d blocks%s)", control_net_name, len(module.transformer_blocks),
                     ", inpainting" if module.config.extra_channels else "")
         return (QwenImageControl(_wrap(module, load_device)),)
@@ -201,6 +212,7 @@ class ControlNetApply:
 
     def apply(self, positive, negative, control_net, vae, image, strength: float, start_percent: float,
               end_percent: float, mask=None):
+        image = control_image(image)
         if strength == 0:
             return (positive, negative)
         context = positive[0][0]  # like the reference: residuals from the prompt, reused for the negative pass
@@ -245,11 +257,11 @@ class BlockwiseControlLoader:
         }}
 
     def load(self, patch_name: str, weight_dtype: str):
-        path = resolve("model_patches", patch_name)
         load_device = mm.get_torch_device()
         compute = compute_dtype(weight_dtype, load_device)
-        module = load_blockwise_control(path, dtype=compute, device=mm.unet_offload_device(),
-                                        ops=host_ops(path, compute)[0])
+        with chosen_file("model_patches", "patch_name", patch_name) as path:
+            module = load_blockwise_control(path, dtype=compute, device=mm.unet_offload_device(),
+                                            ops=host_ops(path, compute)[0])
         return (_wrap(module, load_device),)
 
 
@@ -277,6 +289,7 @@ class BlockwiseControlApply:
         }
 
     def apply(self, model, control, vae, image, strength: float, mask=None):
+        image = control_image(image)
         patched = model.clone()
         if strength != 0:
             patched.set_model_patch(BlockwisePatch(control, vae, image, strength, mask), BLOCKWISE_PATCHES)
@@ -316,6 +329,9 @@ class ControlPreprocess:
                 raise RuntimeError("canny needs kornia (part of ComfyUI's requirements): pip install kornia") from e
             if low_threshold >= high_threshold:
                 raise ValueError("canny: low_threshold must be below high_threshold")
+            if min(gray.shape[-2:]) < CANNY_MIN_SIDE:
+                raise ValueError(f"image: canny needs an image of at least {CANNY_MIN_SIDE}x{CANNY_MIN_SIDE} pixels "
+                                 f"(got {gray.shape[-1]}x{gray.shape[-2]}); scale it up first.")
             edges = kornia.filters.canny(gray, low_threshold=low_threshold, high_threshold=high_threshold)[1]
         else:
             edges = soft_edges(gray)

@@ -23,6 +23,7 @@ AREAS = {"1024x1024 (reference)": REFERENCE_AREA, "native (the input's own size)
 VL_SAME = "same as the references"
 VL_EDIT_PLUS = "384x384 (Edit-2509 reference)"
 LATENT_FROM = ("last image", "first image")
+EMPTY_BATCH = "the batch holds no picture (an empty IMAGE); connect an image to edit."
 
 AREA_TOOLTIP = ("Pixel area every image is scaled to, aspect kept, sides multiples of the size multiple. "
                 "'native' keeps each image's own area (only rounding).")
@@ -113,6 +114,8 @@ class EditEncode:
                vl_area: str, size_multiple: int, latent_from: str, image2=None, image3=None, more_images=None,
                mask=None):
         images = _image_list(image) + _image_list(image2) + _image_list(image3) + list(more_images or [])
+        if not images:
+            raise ValueError(f"image: {EMPTY_BATCH}")
         if mode == MODE_EDIT and len(images) != 1:
             raise ValueError(f"Qwen-Image-Edit takes exactly one image, got {len(images)}; choose the "
                              "Edit-2509 / 2511 mode for several.")
@@ -129,7 +132,8 @@ class EditEncode:
         negative = text_encoder.encode(negative_prompt, images=vl, template=template)
         chosen = references[-1] if latent_from == LATENT_FROM[0] else references[0]
         sized = references if len({r.shape for r in references}) == 1 else [chosen]
-        return ([[positive, {"reference_latents": latents}]], [[negative, {"reference_latents": latents}]],
+        return (text_encoder.conditioning(positive, reference_latents=latents),
+                text_encoder.conditioning(negative, reference_latents=latents),
                 _target_latent(chosen, vae, mask), torch.cat(sized))
 
 
@@ -158,6 +162,8 @@ class EditLatent:
         }
 
     def latent(self, image, area: str, size_multiple: int, vae=None, mask=None):
+        if image.shape[0] == 0:
+            raise ValueError(f"image: {EMPTY_BATCH}")
         return (_target_latent(_sized(image[:1, ..., :3], AREAS[area], size_multiple), vae, mask),)
 
 

@@ -97,7 +97,8 @@ class LayeredEncode:
         negative = text_encoder.encode(negative_prompt, template="t2i")
         whole = QWEN_IMAGE_LATENT.empty(1, width, height, mm.intermediate_device())
         samples = whole.expand(-1, -1, layers + 1, -1, -1).contiguous()  # frame 0: the whole image
-        return ([[positive, {"reference_latents": condition}]], [[negative, {"reference_latents": condition}]],
+        return (text_encoder.conditioning(positive, reference_latents=condition),
+                text_encoder.conditioning(negative, reference_latents=condition),
                 {"samples": samples}, rgba)
 
 

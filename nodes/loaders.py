@@ -15,9 +15,9 @@ import comfy.ops
 from ..models import FLOAT8_DTYPES, load_diffusion_model, load_text_encoder, load_vae
 from .common import CATEGORY, TEXT_ENCODER_TYPE, mappings, weight_dtype_input
 from .host.components import HostTextEncoder, HostVAE, host_tokenizer_dir
-from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, model_input, resolve
+from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, model_input
 from .host.model import HostQwenImageDiT, wrap_diffusion_model
-from .host.ops import compute_dtype, host_ops
+from .host.ops import compute_dtype, host_ops, set_gguf_dequant_cache
 
 logger = logging.getLogger("qwen_image")
 ZERO_COND = {"auto (from the file)": None, "on (Edit-2511)": True, "off": False}
@@ -42,15 +42,23 @@ class DiffusionModelLoader:
             "edit_2511": (list(ZERO_COND), {
                 "tooltip": "Edit-2511 modulates the reference images with t = 0 (zero_cond_t). Detected from the "
                            "file (Comfy-Org marker or diffusers config); force it for files that lack the marker."}),
+        }, "optional": {
+            "dequant_cache": ("BOOLEAN", {
+                "default": True,
+                "tooltip": "GGUF only: keep the weights used for one vector per step (the modulations, a third of "
+                           "the model, and the timestep layers) dequantized after the first step, at most 1 GiB in "
+                           "bf16 (2 GiB in fp32): faster steps, counted in the memory ComfyUI plans for. Turn off "
+                           "for the tightest memory."}),
         }}
 
-    def load(self, model_name: str, weight_dtype: str, edit_2511: str):
-        path = resolve("diffusion_models", model_name)
-        load_device = mm.get_torch_device()
-        compute = compute_dtype(weight_dtype, load_device)
-        ops, stored = host_ops(path, compute)
-        dit = load_diffusion_model(path, dtype=compute, device=mm.unet_offload_device(), ops=ops,
-                                   model_class=HostQwenImageDiT)
+    def load(self, model_name: str, weight_dtype: str, edit_2511: str, dequant_cache: bool = True):
+        compute = compute_dtype(weight_dtype, mm.get_torch_device())
+        with chosen_file("diffusion_models", "model_name", model_name) as path:
+            ops, stored = host_ops(path, compute)
+            dit = load_diffusion_model(path, dtype=compute, device=mm.unet_offload_device(), ops=ops,
+                                       model_class=HostQwenImageDiT)
+        dit.source = model_name  # named when a wrong text encoder's conditioning reaches it
+        set_gguf_dequant_cache(dit, dequant_cache)
         if ZERO_COND[edit_2511] is not None and ZERO_COND[edit_2511] != dit.config.zero_cond_t:
             dit.config = dataclasses.replace(dit.config, zero_cond_t=ZERO_COND[edit_2511])
             logger.info("Qwen-Image DiT: Edit-2511 zero_cond_t set %s by the loader", "on" if dit.config.zero_cond_t
@@ -67,7 +75,7 @@ class TextEncoderLoader:
     RETURN_TYPES = (TEXT_ENCODER_TYPE,)
     OUTPUT_TOOLTIPS = ("The Qwen2.5-VL condition encoder with its tokenizer.",)
     DESCRIPTION = ("Loads the Qwen2.5-VL-7B condition encoder: Comfy single files (bf16, scaled fp8), HF folders, "
-                   "or a llama.cpp GGUF with its mmproj-*.gguf next to it (needed for editing).")
+                   "or a llama.cpp GGUF; editing also needs its mmproj-*.gguf next to it.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -79,14 +87,14 @@ class TextEncoderLoader:
         }}
 
     def load(self, text_encoder_name: str, weight_dtype: str):
-        path = resolve("text_encoders", text_encoder_name)
         load_device = mm.text_encoder_device()
         compute = compute_dtype(weight_dtype, load_device)
-        encoder = load_text_encoder(path, dtype=compute, device=mm.text_encoder_offload_device(),
-                                    ops=host_ops(path, compute)[0], host_tokenizer_dirs=[host_tokenizer_dir()])
+        with chosen_file("text_encoders", "text_encoder_name", text_encoder_name) as path:
+            encoder = load_text_encoder(path, dtype=compute, device=mm.text_encoder_offload_device(),
+                                        ops=host_ops(path, compute)[0], host_tokenizer_dirs=[host_tokenizer_dir()])
         logger.info("Qwen-Image text encoder: %s (%s, vision tower: %s)", text_encoder_name, compute,
                     "yes" if encoder.has_vision else "no")
-        return (HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device()),)
+        return (HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device(), text_encoder_name),)
 
 
 class VAELoader:
@@ -107,9 +115,9 @@ class VAELoader:
         }}
 
     def load(self, vae_name: str, weight_dtype: str):
-        path = resolve("vae", vae_name)
         compute = compute_dtype(weight_dtype, mm.vae_device())
-        vae = load_vae(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init)
+        with chosen_file("vae", "vae_name", vae_name) as path:
+            vae = load_vae(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init)
         return (HostVAE(vae),)
 
 

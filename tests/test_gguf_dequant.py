@@ -233,3 +233,94 @@ def test_dequantize_into_a_reused_buffer_is_identical(qtype):
     assert torch.equal(reused, fresh) and reused.data_ptr() == buffer.data_ptr()
     with pytest.raises(ValueError, match="contiguous"):
         dequantize(raw, GGMLType[qtype], (8, 512), out=torch.empty(10))
+
+
+# -- the fused (compiled) path: run on the CPU here; on CUDA it is the default --------------------------------
+from models.io.gguf.dequant import _FUSED, FUSED_TYPES, FusedDequant, Workspace  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["normal", "extreme"])
+def test_fused_formulations_are_bit_exact(kind: str):
+    # the functional kernels torch.compile fuses, run as plain torch: every torch-kernel type has one
+    assert FUSED_TYPES == frozenset(GGMLType[q] for q in F16_FIELDS)
+    for qtype in sorted(F16_FIELDS):
+        raw = random_blocks(qtype, 40, seed=11, kind=kind)
+        with np.errstate(all="ignore"):
+            ref = gguf.quants.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType[qtype]).reshape(40, -1)
+        for dtype in (torch.float32, torch.bfloat16):
+            ours = _FUSED[GGMLType[qtype]](torch.from_numpy(raw), dtype)
+            assert ours.dtype == dtype and torch.equal(ours, torch.from_numpy(ref).to(dtype)), (qtype, dtype)
+
+
+def test_compiled_kernel_is_bit_exact_and_writes_the_compute_dtype():
+    # torch.compile's CPU backend (a C++ compiler) stands in for CUDA's Triton here: one fused kernel per type and
+    # dtype, whatever the number of blocks
+    fused = FusedDequant()
+    for n_blocks in (24, 61):
+        raw = random_blocks("Q4_K", n_blocks, seed=n_blocks, kind="normal")
+        ref = torch.from_numpy(gguf.quants.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType.Q4_K))
+        half = dequantize(torch.from_numpy(raw), GGMLType.Q4_K, ref.shape, torch.bfloat16, fused=fused)
+        if not fused.enabled:
+            pytest.skip("torch.compile does not work here (no C++ compiler?)")
+        assert half.dtype == torch.bfloat16 and torch.equal(half, ref.bfloat16())
+    assert set(fused._compiled) == {GGMLType.Q4_K}
+
+
+def test_compile_failure_falls_back_to_the_eager_kernels(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fused = FusedDequant()
+    raw = random_blocks("Q6_K", 12, seed=1, kind="normal")
+    ref = torch.from_numpy(gguf.quants.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType.Q6_K))
+    for _ in range(2):
+        ours = dequantize(torch.from_numpy(raw), GGMLType.Q6_K, ref.shape, fused=fused)
+        assert torch.equal(ours, ref)
+    assert not fused.enabled
+    assert sum("compiled dequantization unavailable" in r.message for r in caplog.records) == 1  # said once
+
+
+def test_workspace_is_reused_across_calls():
+    # no allocation per call: the second call of the same shape finds every buffer and index it needs
+    workspace = Workspace()
+    raw = torch.from_numpy(random_blocks("Q5_K", 64, seed=2, kind="normal"))
+    first = dequantize(raw, GGMLType.Q5_K, (4, 16 * 256), torch.bfloat16, workspace=workspace)
+    held = workspace.nbytes
+    buffers = {k: v.data_ptr() for k, v in workspace._buffers.items()}
+    second = dequantize(raw, GGMLType.Q5_K, (4, 16 * 256), torch.bfloat16, workspace=workspace)
+    assert torch.equal(first, second) and workspace.nbytes == held > 0
+    assert {k: v.data_ptr() for k, v in workspace._buffers.items()} == buffers
+
+
+def test_cpu_dequantization_runs_its_ops_on_the_calling_thread_only():
+    # torch's CPU ops would split each op over a thread team; dequantization sets its own thread's OpenMP team to
+    # one while it runs (a preempted team member would stall every one of its many short ops), and only its own
+    import threading
+
+    from models.io.gguf.dequant import _openmp, _Serial
+
+    omp = _openmp()
+    if omp is None:
+        pytest.skip("torch does not run its CPU ops on a reachable OpenMP runtime here")
+    get, _ = omp
+    before = get()
+    seen: dict[str, int] = {}
+    with _Serial():
+        seen["inside"] = get()
+        other = threading.Thread(target=lambda: seen.update(other=get()))
+        other.start()
+        other.join()
+    assert seen["inside"] == 1 and seen["other"] == before and get() == before
+
+
+def test_devices_without_compiled_kernels_run_the_same_formulation_in_chunks(monkeypatch):
+    # what a GPU without torch.compile runs (dequantize sends other devices there), exercised on CPU tensors
+    from models.io.gguf.dequant import _functional
+
+    monkeypatch.setattr(dequant_module, "_DEVICE_CHUNK_ELEMENTS", 1000)  # 3 chunks of Q6_K blocks, the last short
+    raw = random_blocks("Q6_K", 10, seed=4, kind="normal")
+    ref = torch.from_numpy(gguf.quants.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType.Q6_K)).view(10, 256)
+    out = torch.full((10, 256), float("nan"), dtype=torch.bfloat16)
+    _functional(torch.from_numpy(raw), GGMLType.Q6_K, out)
+    assert torch.equal(out, ref.bfloat16())

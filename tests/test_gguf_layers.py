@@ -116,17 +116,17 @@ def test_modulation_cache_is_exact_and_reports_its_bytes():
     report = memory_report(model, torch.float32)
     assert report.dequant_cache_bytes == 0 and report.lora_cache_bytes == 0
     assert report.quantized_bytes == sum(p.numel() for p in model.parameters() if isinstance(p, QuantizedTensor))
-    assert report.modulation_cache_cost == 2 * 384 * 64 * 4
+    assert report.one_vector_cache_cost == 2 * 384 * 64 * 4
     assert enable_dequant_cache(model) == 2
     first, second = _run(model, x), _run(model, x)
     assert torch.equal(first, before) and torch.equal(second, before)
-    held = model.img_mod[1]._cached.numel() * 4 + model.txt_mod[1]._cached.numel() * 4
+    held = model.img_mod[1].cached_weight.numel() * 4 + model.txt_mod[1].cached_weight.numel() * 4
     report = memory_report(model, torch.float32)
-    assert report.dequant_cache_bytes == held == report.modulation_cache_cost == report.extra_bytes
-    assert model.proj._cached is None
-    cached = model.img_mod[1]._cached
+    assert report.dequant_cache_bytes == held == report.one_vector_cache_cost == report.extra_bytes
+    assert model.proj.cached_weight is None
+    cached = model.img_mod[1].cached_weight
     _run(model, x)
-    assert model.img_mod[1]._cached is cached  # dequantized once
+    assert model.img_mod[1].cached_weight is cached  # dequantized once
     _run(model, x.bfloat16())  # another dtype: rebuilt, the old cache dropped
     assert memory_report(model).dequant_cache_bytes == 2 * 384 * 64 * 2
     enable_dequant_cache(model, enabled=False)
@@ -146,9 +146,9 @@ def test_lora_merged_once_equals_applying_the_delta_each_time():
     merged = oracle(weight) + sum(s * (u @ d) for u, d, s in loras)
     expected = F.linear(x, merged, bias)
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
-    cache = layer._cached
+    cache = layer.cached_weight
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
-    assert layer._cached is cache  # merged once, reused
+    assert layer.cached_weight is cache  # merged once, reused
     report = memory_report(layer, torch.float32)
     assert report.lora_cache_bytes == 32 * 64 * 4 and report.dequant_cache_bytes == 0
     dense_delta = merged - oracle(weight)
@@ -166,3 +166,69 @@ def test_lora_on_a_conv_and_on_plain_weights():
     x = torch.randn(1, 8, 5, 5)
     delta = (up @ down.flatten(1)).reshape(16, 8, 3, 3)
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight + delta), atol=1e-5, rtol=1e-5)
+
+
+def test_one_vector_weights_are_kept_dense_by_default_within_the_budget(tmp_path):
+    from models import load_diffusion_model
+    from models.io.gguf import open_dit_gguf
+    from models.io.gguf.layers import ONE_VECTOR_LAYERS
+    from tiny_models.gguf_factory import K_QUANT_DIT, make_dit_gguf
+
+    path = make_dit_gguf(tmp_path, qtype="Q4_K", seed=3, config=K_QUANT_DIT)
+    model = load_diffusion_model(path, dtype=torch.bfloat16)
+    one_vector = [m for name, m in model.named_modules() if name.endswith(ONE_VECTOR_LAYERS)]
+    assert len(one_vector) == 2 * K_QUANT_DIT["num_layers"] + 3  # modulations, norm_out, the timestep MLP
+    assert all(isinstance(m.weight, QuantizedTensor) and m.keeps_dequantized() for m in one_vector)
+    assert not model.transformer_blocks[0].attn.to_q.keeps_dequantized()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 5, K_QUANT_DIT["joint_attention_dim"], generator=g)
+    t = torch.tensor([0.3])
+    report = memory_report(model, torch.bfloat16)
+    assert report.dequant_cache_bytes == 0 and report.dequant_cache_planned == report.one_vector_cache_cost > 0
+    with torch.no_grad():
+        cached = model(x, t, ctx)
+        assert memory_report(model, torch.bfloat16).dequant_cache_bytes == report.dequant_cache_planned
+        weights = [m.cached_weight for m in one_vector]
+        assert torch.equal(model(x, t, ctx), cached)
+        assert all(m.cached_weight is w for m, w in zip(one_vector, weights))  # dequantized once
+        assert enable_dequant_cache(model, enabled=False) == len(one_vector)
+        assert memory_report(model, torch.bfloat16).dequant_cache_planned == 0
+        assert torch.equal(model(x, t, ctx), cached)  # the cache changes no bit
+        assert memory_report(model).extra_bytes == 0
+        enable_dequant_cache(model, enabled=None)  # back to the file's marks
+        model(x, t, ctx)
+        assert memory_report(model).extra_bytes > 0
+    model.to(torch.float32)  # moved or converted: the dense copies go (they would be stale)
+    assert memory_report(model).extra_bytes == 0
+
+    # the budget counts parameters, the smallest weights first, then in file order: room for the three small
+    # weights and one modulation keeps block 0's img_mod and no other modulation
+    small = 256 * 256 + 256 * 256 + 2 * 256 * 256  # timestep MLP, norm_out.linear
+    checkpoint, _ = open_dit_gguf(path, dense_budget=small + 6 * 256 * 256)
+    kept = {n for n, v in checkpoint.items() if getattr(v, "keep_dense", False)}
+    assert {n for n in kept if "_mod." in n} == {"transformer_blocks.0.img_mod.1.weight"} and len(kept) == 4
+    checkpoint, _ = open_dit_gguf(path, dense_budget=0)
+    assert not any(getattr(v, "keep_dense", False) for v in checkpoint.values())
+
+
+def test_dequant_cache_is_safe_when_one_layer_runs_in_several_threads():
+    import threading
+
+    weight = packed((64, 256), "Q4_K", seed=8)
+    layer = install(GGUFOps.Linear(256, 64, device="meta"), weight=weight, bias=None)
+    layer.set_dequant_cache(True)
+    x = torch.randn(3, 256)
+    expected = F.linear(x, oracle(weight))
+    results: list[torch.Tensor] = []
+    barrier = threading.Barrier(4)
+
+    def run():
+        barrier.wait()
+        results.extend(layer(x) for _ in range(20))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 80 and all(torch.equal(r, expected) for r in results)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from models import load_diffusion_model, load_text_encoder
+from models import WeightFileError, load_diffusion_model, load_text_encoder
 from models.io.gguf import GGUFError, QuantizedTensor, find_mmproj, load_gguf_state_dict, open_text_encoder_gguf
 from models.io.gguf.reader import GGMLType
 from tiny_models.configs import TINY_DIT
@@ -158,13 +158,20 @@ def _copy_pair(te_files, folder: Path, mmproj_name: str | None) -> Path:
     return text
 
 
-def test_missing_mmproj_names_folder_and_files(tmp_path: Path, te_files):
+def test_without_mmproj_prompts_encode_and_images_name_folder_and_files(tmp_path: Path, te_files):
+    # Text-to-image never needs the vision tower: the language model alone gives the same prompt embeddings.
     text = _copy_pair(te_files, tmp_path / "alone", None)
-    with pytest.raises(GGUFError) as info:
-        load_text_encoder(text, tokenizer=host_tokenizer_dir())
+    alone = load_text_encoder(text, tokenizer=host_tokenizer_dir())
+    paired = load_text_encoder(_copy_pair(te_files, tmp_path / "pair", "mmproj-F16.gguf"), tokenizer=host_tokenizer_dir())
+    assert not alone.has_vision and paired.has_vision
+    assert torch.equal(alone.encode("a red kite")[0], paired.encode("a red kite")[0])
+    with pytest.raises(WeightFileError) as info:
+        alone.encode("make it blue", images=[torch.rand(56, 56, 3)], template="edit")
     message = str(info.value)
-    assert str(tmp_path / "alone") in message and "mmproj-F16.gguf" in message
-    assert "Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf" in message
+    assert str(text) in message and str(tmp_path / "alone") in message and "mmproj-F16.gguf" in message
+    assert "Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf" in message and "encodes prompts but not images" in message
+    with pytest.raises(GGUFError, match="none was found"):
+        open_text_encoder_gguf(text, require_mmproj=True)
 
 
 @pytest.mark.parametrize("name", ["mmproj-F16.gguf", "Qwen2.5-VL-7B-Instruct-mmproj-BF16.gguf",

@@ -213,8 +213,6 @@ def test_comfy_names_load_the_same_model(vae, files):
     assert torch.equal(comfy.decode(latents), vae.decode(latents))
 
 
-@pytest.mark.xfail(strict=True, reason="models.registry does not identify Comfy-Org 2.1 VAE files (5-D convolutions, "
-                                       "Wan 2.2 names, 64 latent channels) yet; remove this mark once it does")
 def test_comfy_single_file_loads(vae, files):
     assert identify(files["comfy"]).family == "qwen_image_2_1"
     images = _images(1, 32, 32, seed=10)

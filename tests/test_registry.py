@@ -34,7 +34,8 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], config: dict | None = No
 
 
 def _shapes(spec: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros(shape) for name, shape in spec.items()}
+    # Ones, not zeros: a file ending in zero-filled tensors is what an interrupted download leaves (refused).
+    return {name: torch.ones(shape) for name, shape in spec.items()}
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +143,8 @@ def test_qwen_image_2_1(root):
              "qwen3vl.safetensors": (encoder, "text_encoder", "Qwen3-VL")}
     for name, (state, role, words) in cases.items():
         identity = identify(_save(root / name, state))
-        assert (identity.family, identity.role, identity.supported) == ("qwen_image_2_1", role, False), name
-        assert words in identity.description and "not supported yet" in identity.description
+        assert (identity.family, identity.role, identity.supported) == ("qwen_image_2_1", role, True), name
+        assert words in identity.description and "Qwen-Image 2.1" in identity.advice
 
 
 # -- other models' files ---------------------------------------------------------------------------------------------
@@ -240,7 +241,10 @@ def test_load_dispatches_by_identity(root):
         assert isinstance(load(path), kind), path
     assert isinstance(load(WRONG_FILES["text_encoder"](folder), tokenizer=host_tokenizer_dir()), TextEncoder)
     assert isinstance(load(WRONG_FILES["layered"](folder)), QwenImageDiT)
-    for kind in ("qwen-image 2.1", "flux"):
+    from models import QwenImage21DiT
+
+    assert isinstance(load(WRONG_FILES["qwen-image 2.1"](folder)), QwenImage21DiT)
+    for kind in ("flux", "sdxl checkpoint"):
         path = WRONG_FILES[kind](folder)
         with pytest.raises(WeightFileError, match="not a file this pack can load") as error:
             load(path)

@@ -168,7 +168,8 @@ def test_weights_cast_at_compute_time(files):
 
 
 def _write(path, tensors: dict[str, tuple[int, ...]]):
-    save_file({name: torch.zeros(shape) for name, shape in tensors.items()}, str(path))
+    # ones, not zeros: a file ending in zero-filled tensors is what an interrupted download leaves (refused)
+    save_file({name: torch.ones(shape) for name, shape in tensors.items()}, str(path))
     return path
 
 

@@ -86,14 +86,20 @@ def lora(name: str, model: tuple = (1, 0, "MODEL")) -> Node:
 
 
 def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent: tuple, steps: int, prefix: str,
-             restore_to: tuple | None = None, layered: bool = False, lightning: bool = False) -> list[Node]:
+             restore_to: tuple | None = None, layered: bool = False, lightning: bool = False,
+             qwen_2_1: bool = False) -> list[Node]:
     """The reference sampling from node id ``first`` on: true CFG 4, the Qwen-Image Scheduler, euler, decode with
     the VAE (node 3), optionally Restore Size to ``restore_to``'s image, and save.  ``layered``: plain CFG 4 (the
     Layered reference does not rescale) and Layered Decode, saving the layers and the whole image.  ``lightning``:
-    the Lightning LoRAs' sampling - CFG 1 and shift 3 without the terminal stretch (see :data:`LIGHTNING_NOTE`)."""
+    the Lightning LoRAs' sampling - CFG 1 and shift 3 without the terminal stretch (see :data:`LIGHTNING_NOTE`).
+    ``qwen_2_1``: Qwen-Image 2.1's - plain CFG 1 (no guidance) and the 2.1 Scheduler."""
     cfg, sigmas, sampler, noise, guider, sample, decode = range(first, first + 7)
-    guided = model if layered else (cfg, 0, "MODEL")
-    if lightning:
+    guided = model if layered or qwen_2_1 else (cfg, 0, "MODEL")
+    scheduler, scheduler_inputs = (("QIP_21Scheduler", {"latent": latent}) if qwen_2_1
+                                   else ("QIP_Scheduler", {"model": guided, "latent": latent}))
+    if qwen_2_1:
+        nodes, schedule, guidance = [], [steps, 1.0], 1.0
+    elif lightning:
         nodes = [Node(cfg, "ModelSamplingAuraFlow", [LIGHTNING_SHIFT], {"model": model}, [("MODEL", "MODEL")],
                       column=1)]
         schedule, guidance = [steps, 1.0, "the model's current shift", 0.0], 1.0
@@ -101,8 +107,7 @@ def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent:
         nodes = [] if layered else [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=1)]
         schedule, guidance = [steps, 1.0, "from the latent's resolution", 0.02], 4.0
     nodes += [
-        Node(sigmas, "QIP_Scheduler", schedule, {"model": guided, "latent": latent}, [("SIGMAS", "SIGMAS")],
-             column=2),
+        Node(sigmas, scheduler, schedule, scheduler_inputs, [("SIGMAS", "SIGMAS")], column=2),
         Node(sampler, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
         Node(noise, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
         Node(guider, "CFGGuider", [guidance], {"model": guided, "positive": positive, "negative": negative},
@@ -378,6 +383,84 @@ def control(kind: str) -> dict:
     return build(nodes, note)
 
 
+QWEN_2_1_FILES = """\
+| file | folder |
+|---|---|
+| `{model}` (or its fp8 / GGUF file) | `diffusion_models/` |
+| `qwen_3_vl_8b.safetensors` (Qwen3-VL-8B; or its scaled fp8 file) | `text_encoders/` |
+| `qwen_image_2.1_vae_bf16.safetensors` | `vae/` |
+
+Licence: Qwen-Image 2.1's weights are under the Qwen Research License, not Apache 2.0: read it before you use them.
+"""
+
+QWEN_2_1_NOTE = """\
+**Qwen-Image 2.1 {title}** (pack: Qwen-Image / QIP)
+
+{files}
+{hint}
+Reference settings: {settings}, euler, the Qwen-Image 2.1 Scheduler (its shift follows the image size). \
+For CFG above 1 give a negative prompt (a single space is the reference's empty one).
+"""
+QWEN_2_1_SETTINGS = "40 steps, CFG 1 (2.1 is sampled without guidance), 1024x1024 (any size on a 32-px grid)"
+QWEN_2_1_TURBO_SETTINGS = ("8 steps, CFG 1; if your Turbo checkpoint ships its own sigma grid "
+                           "(sample_sigmas), sample that instead")
+QWEN_2_1_EDIT_HINT = """\
+Load your own images. 2.1 Encode sizes each one like the reference (its aspect at the output resolution's area, \
+sides multiples of 32) for Qwen3-VL and the VAE alike; refer to them as image 1, 2, 3 in the prompt; up to 10 \
+images (more through Qwen-Image Image List). The output takes the last image's aspect; Restore Size maps it to that \
+image's exact size (remove it to keep the model's size). The Prefix Cache node keeps the prompt's and images' keys \
+and values for all steps; offload them to the CPU if VRAM is short.
+"""
+QWEN_2_1_ENCODER = (2, 0, "QWEN_IMAGE_2_1_TEXT_ENCODER")
+
+
+def loaders_2_1(model: str) -> list[Node]:
+    """Nodes 1-3: the Qwen-Image 2.1 loaders."""
+    return [
+        Node(1, "QIP_21DiffusionModelLoader", [model, "auto"], outputs=[("MODEL", "MODEL")]),
+        Node(2, "QIP_21TextEncoderLoader", ["qwen_3_vl_8b.safetensors", "auto"],
+             outputs=[(QWEN_2_1_ENCODER[2],) * 2]),
+        Node(3, "QIP_21VAELoader", ["qwen_image_2.1_vae_bf16.safetensors", "auto"], outputs=[("VAE", "VAE")]),
+    ]
+
+
+def encode_2_1(prompt: str, images: int = 0) -> Node:
+    """Node 4: Qwen-Image 2.1 Encode, with the images of LoadImage nodes 20, 21, ... when ``images``."""
+    inputs = {"text_encoder": QWEN_2_1_ENCODER}
+    if images:
+        inputs |= {"vae": (3, 0, "VAE"), "image": (20, 0, "IMAGE")}
+        inputs |= {f"image{i + 1}": (20 + i, 0, "IMAGE") for i in range(1, images)}
+    return Node(4, "QIP_21Encode", [prompt, "", 1024], inputs,
+                [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], column=1)
+
+
+def text_to_image_2_1(model: str, steps: int, title: str, settings: str) -> dict:
+    """Qwen-Image 2.1 text-to-image at 1024x1024."""
+    return build([
+        *loaders_2_1(model),
+        encode_2_1("A capybara wearing a wizard hat, reading a book by candlelight, oil painting."),
+        Node(5, "QIP_21EmptyLatent", [1024, 1024, 1], outputs=[("LATENT", "LATENT")], column=1),
+        *sampling(6, (1, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (5, 0, "LATENT"), steps,
+                  "qwen_image_2_1", qwen_2_1=True),
+    ], QWEN_2_1_NOTE.format(title=title, files=QWEN_2_1_FILES.format(model=model), hint="", settings=settings))
+
+
+def edit_2_1(images: int) -> dict:
+    """Qwen-Image 2.1 conditioned on ``images`` images, with the prefix cache node."""
+    model = "qwen_image_2_1_bf16.safetensors"
+    return build([
+        *loaders_2_1(model),
+        *(Node(20 + i, "LoadImage", [f"qwen_edit_input_{i + 1}.png", "image"],
+               outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]) for i in range(images)),
+        encode_2_1("Put the object from image 2 on the table in image 1, lit like image 3.", images),
+        Node(5, "QIP_21PrefixCache", ["on, kept on the compute device (fastest)"], {"model": (1, 0, "MODEL")},
+             [("MODEL", "MODEL")], column=1),
+        *sampling(6, (5, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (4, 2, "LATENT"), 40,
+                  "qwen_image_2_1_edit", restore_to=(20 + images - 1, 0, "IMAGE"), qwen_2_1=True),
+    ], QWEN_2_1_NOTE.format(title=f"with {images} condition images", files=QWEN_2_1_FILES.format(model=model),
+                            hint=QWEN_2_1_EDIT_HINT, settings=QWEN_2_1_SETTINGS))
+
+
 def main() -> None:
     WORKFLOWS.mkdir(exist_ok=True)
     outputs = {
@@ -404,6 +487,11 @@ def main() -> None:
             lightning_note("Qwen-Image-2512", "qwen_image_2512_bf16.safetensors", LIGHTNING_LORAS["qwen_image_2512"]),
             LIGHTNING_LORAS["qwen_image_2512"]),
         "qwen_image_edit_lightning.json": edit(1, lightning_lora=LIGHTNING_LORAS["edit_2511"]),
+        "qwen_image_2_1_t2i.json": text_to_image_2_1("qwen_image_2_1_bf16.safetensors", 40, "text-to-image",
+                                                     QWEN_2_1_SETTINGS),
+        "qwen_image_2_1_edit_3_images.json": edit_2_1(3),
+        "qwen_image_2_1_turbo_t2i.json": text_to_image_2_1("qwen_image_2_1_turbo_bf16.safetensors", 8,
+                                                           "Turbo text-to-image in 8 steps", QWEN_2_1_TURBO_SETTINGS),
     }
     for name, workflow in outputs.items():
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

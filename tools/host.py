@@ -7,9 +7,11 @@ Used by the tests (one host per test session), the demo and the benchmarks::
         print(result.images)                  # absolute paths of the PNGs the graph saved
 
 The host runs from :func:`tools.env.comfyui_path` (``COMFYUI_PATH`` or the pinned 0.3.75) under
-:func:`tools.env.venv_python`.  The pack is linked (not copied) into a private custom_nodes folder; models come
-from ``models_dir`` (ComfyUI's sub-folder names: diffusion_models, vae, text_encoders, loras, controlnet, ...);
-input, output, temp and user folders are private temporary folders.  The server is stopped by its process id.
+:func:`tools.env.venv_python`.  The pack (and any ``extra_packs``) is linked (not copied) into a private
+custom_nodes folder; models come from ``models_dir`` (ComfyUI's sub-folder names: diffusion_models, vae,
+text_encoders, loras, controlnet, ...); input, output, temp and user folders are private temporary folders.
+``offline=True`` runs the server with the network guard (only this machine reachable).  The server is stopped by
+its process id.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env import REPO_ROOT, comfyui_path, venv_python  # noqa: E402
 
 PACK_NAME = "comfyui-qwen-image"
+OFFLINE_STARTUP = Path(__file__).resolve().parent / "offline_startup"  # its sitecustomize blocks the network
 MODEL_FOLDERS = ("diffusion_models", "unet", "vae", "text_encoders", "clip", "loras", "controlnet", "model_patches")
 
 
@@ -62,7 +65,8 @@ class ComfyHost:
     """A headless ComfyUI process on 127.0.0.1 with this pack loaded."""
 
     def __init__(self, models_dir: str | os.PathLike | None = None, *, extra_args: tuple[str, ...] = (),
-                 startup_timeout: float = 240.0, cpu: bool = True):
+                 startup_timeout: float = 240.0, cpu: bool = True, offline: bool = False,
+                 extra_packs: tuple[str | os.PathLike, ...] = (), extra_env: dict[str, str] | None = None):
         self.workdir = Path(tempfile.mkdtemp(prefix="qwen-image-host-"))
         self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
         self.output_dir = self.workdir / "output"
@@ -71,6 +75,9 @@ class ComfyHost:
         self.extra_args = extra_args
         self.startup_timeout = startup_timeout
         self.cpu = cpu  # tests always run on the CPU (fp32, bitwise repeatable); the demo may use a GPU
+        self.offline = offline  # the network guard (tools/network_guard.py) in the server process
+        self.extra_packs = tuple(Path(p) for p in extra_packs)  # more custom-node folders (test-only nodes)
+        self.extra_env = dict(extra_env or {})
         self.port = 0
         self.process: subprocess.Popen | None = None
         self.comfyui = comfyui_path()
@@ -80,6 +87,8 @@ class ComfyHost:
         custom_nodes = self.workdir / "custom_nodes"
         custom_nodes.mkdir(parents=True)
         (custom_nodes / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+        for pack in self.extra_packs:
+            (custom_nodes / pack.name).symlink_to(pack.resolve(), target_is_directory=True)
         for sub in MODEL_FOLDERS:
             (self.models_dir / sub).mkdir(parents=True, exist_ok=True)
         for folder in (self.output_dir, self.input_dir, self.workdir / "temp", self.workdir / "user"):
@@ -96,7 +105,7 @@ class ComfyHost:
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
                "--disable-auto-launch", *self.extra_args]
         log = open(self.log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = self.environment()
         self.process = subprocess.Popen(cmd, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
@@ -111,6 +120,14 @@ class ComfyHost:
                 time.sleep(0.5)
         self.stop()
         raise HostError(f"ComfyUI did not become ready in {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def environment(self) -> dict[str, str]:
+        """The server process's environment: ours plus ``extra_env``; with ``offline`` the network guard is
+        installed at interpreter start."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        if self.offline:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(OFFLINE_STARTUP), env.get("PYTHONPATH")]))
+        return env
 
     def stop(self) -> None:
         """Stop the server we started, by its process id: its whole process group (children included, even when

@@ -4,19 +4,23 @@ Sources, in the order :func:`find_tokenizer` tries them:
 
 1. an explicit folder or file given by the caller (``tokenizer.json``, or a folder with ``tokenizer.json`` or
    ``vocab.json`` + ``merges.txt`` + ``tokenizer_config.json``);
-2. next to the weights: the weights' folder itself, or a ``tokenizer/`` folder beside or inside it;
+2. next to the weights: the weights' folder itself, or a ``tokenizer/`` (or ``processor/``, as diffusers
+   pipelines with a vision-language encoder store it) folder beside or inside it;
 3. host folders passed by the caller, and ``$COMFYUI_PATH/comfy/text_encoders/qwen25_tokenizer``;
 
 and, for llama.cpp GGUF text encoders, :meth:`QwenTokenizer.from_vocab` builds it from the metadata
 (``tokenizer.ggml.tokens`` / ``merges`` / ``token_type``).
 
 ``tokenizer_config.json`` is required next to ``vocab.json``: it lists the added tokens (``<|im_start|>``,
-``<|image_pad|>`` ...) that must never be split into BPE pieces.
+``<|image_pad|>`` ...) that must never be split into BPE pieces.  Places 2 and 3 are tried in turn: an incomplete
+set (a stray ``vocab.json``) is passed over and a damaged one skipped with a warning, so the host's complete
+tokenizer still serves.  Every malformed file is a :class:`WeightFileError` naming it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,12 +32,15 @@ from ..io.weights import WeightFileError
 
 __all__ = ["QwenTokenizer", "TokenizerNotFoundError", "find_tokenizer", "QWEN2_SPLIT_PATTERN"]
 
+logger = logging.getLogger("qwen_image")
+
 # Qwen2's pre-tokenizer split: contractions, letter runs (with one leading non-letter), single digits,
 # punctuation runs (with trailing newlines), newline runs, and whitespace (keeping one space for the next word).
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 HOST_TOKENIZER_SUBDIR = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
+_FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 class TokenizerNotFoundError(WeightFileError):
@@ -60,8 +67,9 @@ class QwenTokenizer:
         """
         if not isinstance(vocab, dict):
             vocab = {token: index for index, token in enumerate(vocab)}
-        else:
-            vocab = dict(vocab)
+        if not all(isinstance(token, str) and _is_id(index) for token, index in vocab.items()):
+            raise WeightFileError(f"{source}: the vocabulary must map token strings to non-negative integer ids.")
+        vocab = dict(vocab)
         pairs = []
         for merge in merges:
             if isinstance(merge, str):
@@ -74,8 +82,11 @@ class QwenTokenizer:
         added = sorted(added_tokens)
         for index, content, _ in added:
             vocab[content] = index  # pin the declared id (tokenizers would otherwise append after the vocabulary)
-        model = BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None, continuing_subword_prefix="",
-                    end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+        try:
+            model = BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+        except Exception as e:  # the tokenizers package raises a bare Exception on inconsistent files
+            raise WeightFileError(f"{source}: the vocabulary and merges do not fit together ({e}).") from None
         tokenizer = Tokenizer(model)
         tokenizer.normalizer = normalizers.NFC()
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -96,15 +107,17 @@ class QwenTokenizer:
         folder = Path(folder)
         if (folder / "tokenizer.json").is_file():
             return cls.from_file(folder / "tokenizer.json")
-        missing = [n for n in ("vocab.json", "merges.txt", "tokenizer_config.json") if not (folder / n).is_file()]
+        missing = [n for n in _FOLDER_FILES if not (folder / n).is_file()]
         if missing:
             raise TokenizerNotFoundError(f"{folder}: not a tokenizer folder (missing {', '.join(missing)}).")
         try:
             vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
             config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightFileError(f"{folder}: unreadable tokenizer JSON ({e}).") from None
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise WeightFileError(f"{folder}: unreadable tokenizer file ({type(e).__name__}: {e}).") from None
+        if not isinstance(vocab, dict) or not isinstance(config, dict):
+            raise WeightFileError(f"{folder}: vocab.json and tokenizer_config.json must be JSON objects.")
         merges = [line for line in lines if line and not line.startswith("#version")]
         added = _added_tokens(folder, config)
         if not added:
@@ -140,21 +153,43 @@ class QwenTokenizer:
         return f"QwenTokenizer({self.source!r})"
 
 
+def _is_id(value) -> bool:
+    return type(value) is int and 0 <= value < 1 << 31  # the tokenizers package stores ids as 32-bit
+
+
 def _added_tokens(folder: Path, config: dict) -> list[tuple[int, str, bool]]:
     """Added tokens from ``tokenizer_config.json`` (``added_tokens_decoder``), else ``added_tokens.json``."""
+    def malformed(name: str) -> WeightFileError:
+        return WeightFileError(f"{folder}: {name} is malformed (expected token ids with their text).")
+
     decoder = config.get("added_tokens_decoder") or {}
-    added = [(int(index), entry["content"], bool(entry.get("special", True))) for index, entry in decoder.items()]
+    if not isinstance(decoder, dict):
+        raise malformed("added_tokens_decoder in tokenizer_config.json")
+    added = []
+    for index, entry in decoder.items():
+        if not (index.isdecimal() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise malformed("added_tokens_decoder in tokenizer_config.json")
+        added.append((int(index), entry["content"], entry.get("special", True) is not False))
     if not added and (folder / "added_tokens.json").is_file():
-        table = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
-        special = set(config.get("additional_special_tokens") or []) | {config.get("eos_token"), config.get("pad_token")}
-        added = [(int(index), content, content in special) for content, index in table.items()]
+        try:
+            table = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise malformed("added_tokens.json") from None
+        if not (isinstance(table, dict) and all(map(_is_id, table.values()))):
+            raise malformed("added_tokens.json")
+        named = [config.get(key) for key in ("eos_token", "pad_token")]
+        listed = config.get("additional_special_tokens") or []
+        special = {t for t in [*named, *(listed if isinstance(listed, list) else [])] if isinstance(t, str)}
+        added = [(index, content, content in special) for content, index in table.items()]
     return added
 
 
 def _is_tokenizer_location(path: Path) -> bool:
+    """A ``tokenizer.json`` file, or a folder with one or with all of vocab.json, merges.txt and
+    tokenizer_config.json (a lone vocab.json is not a tokenizer)."""
     if path.is_file():
         return path.name == "tokenizer.json"
-    return (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+    return (path / "tokenizer.json").is_file() or all((path / n).is_file() for n in _FOLDER_FILES)
 
 
 def _load_location(path: Path) -> QwenTokenizer:
@@ -181,14 +216,21 @@ def find_tokenizer(explicit: str | os.PathLike | None = None, weights: str | os.
     if weights is not None:
         weights = Path(weights)
         base = weights if weights.is_dir() else weights.parent
-        candidates += [base, base / "tokenizer", base.parent / "tokenizer"]
+        candidates += [base, *(folder / sub for sub in ("tokenizer", "processor")
+                                 for folder in (base, base.parent))]
     candidates += [Path(d) for d in host_dirs]
     if os.environ.get("COMFYUI_PATH"):
         candidates.append(Path(os.environ["COMFYUI_PATH"]) / HOST_TOKENIZER_SUBDIR)
+    unusable: dict[Path, str] = {}
     for candidate in candidates:
         if _is_tokenizer_location(candidate):
-            return _load_location(candidate)
-    searched = "\n  ".join(str(c) for c in candidates) or "(nowhere: no weights path, no host folder, no COMFYUI_PATH)"
+            try:
+                return _load_location(candidate)
+            except WeightFileError as e:  # e.g. a damaged copy next to the weights: the host's own is still good
+                unusable[candidate] = str(e)
+                logger.warning("Qwen-Image tokenizer: skipping %s (%s)", candidate, e)
+    searched = "\n  ".join(f"{c} ({unusable[c]})" if c in unusable else str(c) for c in candidates) or \
+        "(nowhere: no weights path, no host folder, no COMFYUI_PATH)"
     raise TokenizerNotFoundError(
         "No Qwen2.5 tokenizer found. Looked for tokenizer.json or vocab.json + merges.txt + tokenizer_config.json "
         f"in:\n  {searched}\nPass the tokenizer folder explicitly (ComfyUI ships one in "

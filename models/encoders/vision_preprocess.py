@@ -1,9 +1,11 @@
-"""Image preprocessing for the Qwen2.5-VL vision tower (what the Qwen2-VL image processor does).
+"""Image preprocessing for the Qwen-VL vision towers (what the Qwen2-VL image processor does; Qwen3-VL uses the
+same processor class with other settings).
 
-Steps: size rounded to multiples of 28 (patch 14 x merge 2) within ``min_pixels`` / ``max_pixels``
-(:func:`smart_resize`), resize if the size changed, CLIP mean/std normalisation, 14x14 patches, each patch
-duplicated into the temporal pair (a still image is a 2-frame clip), patches flattened as ``(channel, frame,
-row, col)`` and ordered merge-window by merge-window (row-major over 2x2 windows, then row-major inside).
+Steps: size rounded to multiples of ``patch x merge`` (Qwen2.5-VL: 14 x 2 = 28; Qwen3-VL: 16 x 2 = 32) within
+``min_pixels`` / ``max_pixels`` (:func:`smart_resize`), resize if the size changed, mean/std normalisation (defaults:
+OpenAI CLIP, Qwen2.5-VL's), patches, each patch duplicated into the temporal pair (a still image is a 2-frame
+clip), patches flattened as ``(channel, frame, row, col)`` and ordered merge-window by merge-window (row-major over
+2x2 windows, then row-major inside).  The defaults are Qwen2.5-VL's.
 
 Resize kernel (only when the size is not already a valid multiple of 28): antialiased bicubic (half-pixel
 centres) on uint8, exactly as the HF processor does it (transformers 5, torchvision backend on CPU: torch's native
@@ -56,8 +58,12 @@ def _resize_like_hf(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def preprocess_image(image: torch.Tensor, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
-                     min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``[H, W, 3]`` float image in 0..1 -> (patches ``[gh * gw, 3 * T * p * p]`` fp32, patch grid ``(gh, gw)``)."""
+                     min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                     mean: tuple[float, float, float] = IMAGE_MEAN, std: tuple[float, float, float] = IMAGE_STD
+                     ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``[H, W, 3]`` float image in 0..1 -> (patches ``[gh * gw, 3 * T * p * p]`` fp32, patch grid ``(gh, gw)``).
+
+    ``mean`` / ``std``: per-channel normalisation of the 0..1 values."""
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an image of shape [H, W, 3], got {tuple(image.shape)}")
     x = image.permute(2, 0, 1).to(torch.float32)  # [3, H, W]
@@ -65,9 +71,7 @@ def preprocess_image(image: torch.Tensor, patch_size: int = 14, merge_size: int 
     new_h, new_w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
     if (new_h, new_w) != (height, width):
         x = _resize_like_hf(x, new_h, new_w)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=x.device)[:, None, None]
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=x.device)[:, None, None]
-    x = (x - mean) / std
+    x = (x - torch.tensor(mean, device=x.device)[:, None, None]) / torch.tensor(std, device=x.device)[:, None, None]
 
     grid_h, grid_w = new_h // patch_size, new_w // patch_size
     rows, cols = grid_h // merge_size, grid_w // merge_size

@@ -4,7 +4,9 @@
   what was found, what was expected and what to do.
 * :func:`open_checkpoint` gives a lazy, read-only mapping ``name -> tensor`` over a single ``.safetensors`` file
   or a diffusers/HF folder (sharded safetensors with an ``*.safetensors.index.json``).  Headers are validated up
-  front (a truncated file is refused before any tensor is read); tensors are read one at a time on access.
+  front (every field's type, sizes, overlaps; a truncated or zero-filled download is refused before any tensor is
+  read, see :mod:`.integrity`), ``config.json`` is read by :mod:`.model_config`; tensors are read one at a time on
+  access.
 * :func:`assign_weights` moves tensors from such a mapping into a module built on the ``meta`` device, one tensor
   at a time, so peak memory stays near the size of the weights themselves.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import WeightFileError
+from .integrity import refuse_zero_filled_tail
+from .model_config import ModelConfig, read_config
 
 __all__ = ["WeightFileError", "SafetensorsCheckpoint", "open_checkpoint", "assign_weights", "tensor_shape",
            "tensor_dtype", "FLOAT8_DTYPES"]
@@ -38,10 +45,6 @@ _MAX_HEADER = 100 * 1024 * 1024
 _SCALES = ("scale_weight", "scale_input")  # "scaled fp8" per-layer factors
 
 
-class WeightFileError(ValueError):
-    """A checkpoint that cannot be used by the loader it was given to (wrong model, truncated, corrupt)."""
-
-
 class SafetensorsCheckpoint(Mapping):
     """Lazy ``name -> tensor`` view over one or more safetensors files (each tensor read on access).
 
@@ -50,7 +53,7 @@ class SafetensorsCheckpoint(Mapping):
     :meth:`shape` / :meth:`dtype`.
     """
 
-    def __init__(self, files: list[Path], config: dict | None = None, source: Path | None = None):
+    def __init__(self, files: list[Path], config: ModelConfig | None = None, source: Path | None = None):
         self.source = Path(source or files[0])
         self.config = config
         self.metadata: dict[str, str] = {}
@@ -73,34 +76,29 @@ class SafetensorsCheckpoint(Mapping):
             raw = f.read(header_len)
         try:
             header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightFileError(f"{path}: corrupt safetensors header ({e}).") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise WeightFileError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e}).") from None
         if not isinstance(header, dict):
             raise WeightFileError(f"{path}: corrupt safetensors header (not a JSON object).")
         data_start = 8 + header_len
+        spans: list[tuple[str, int, int]] = []
         for name, info in header.items():
             if name == "__metadata__":
-                if isinstance(info, dict):
-                    self.metadata.update({str(k): str(v) for k, v in info.items()})
+                if not isinstance(info, dict):
+                    raise WeightFileError(f"{path}: corrupt safetensors header (__metadata__ is not an object).")
+                self.metadata.update({str(k): str(v) for k, v in info.items()})
                 continue
-            try:
-                tag, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise WeightFileError(f"{path}: corrupt entry for tensor '{name}' in the header.") from None
-            if tag not in _SAFETENSORS_DTYPES or _SAFETENSORS_DTYPES[tag][0] is None:
-                raise WeightFileError(f"{path}: tensor '{name}' has dtype {tag}, which this loader cannot read.")
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            if end - begin != numel * _SAFETENSORS_DTYPES[tag][1] or begin < 0:
-                raise WeightFileError(f"{path}: tensor '{name}' has inconsistent size in the header (corrupt file).")
+            tag, shape, begin, end = _header_entry(path, name, info)
             if data_start + end > size:
                 raise WeightFileError(
                     f"{path}: the file is truncated: tensor '{name}' ends at byte {data_start + end} but the file "
                     f"has {size} bytes. Download it again.")
             if name in self._index:
                 raise WeightFileError(f"{path}: tensor '{name}' appears in more than one shard.")
+            spans.append((name, data_start + begin, data_start + end))
             self._index[name] = (path, tag, shape, data_start + begin)
+        _refuse_overlaps(path, spans)
+        refuse_zero_filled_tail(path, size, spans, WeightFileError)
 
     # -- mapping interface -------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -140,6 +138,44 @@ class SafetensorsCheckpoint(Mapping):
         return total
 
 
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0  # JSON integers only: not bools, floats or strings
+
+
+def _header_entry(path: Path, name: str, info) -> tuple[str, list[int], int, int]:
+    """One tensor's ``(dtype tag, shape, begin, end)`` from a safetensors header, every field checked."""
+    def corrupt(problem: str) -> WeightFileError:
+        return WeightFileError(f"{path}: corrupt safetensors header: tensor '{name}' {problem}. The file is damaged "
+                               "or was not written by a safetensors library; download it again.")
+
+    if not isinstance(info, dict):
+        raise corrupt(f"is described by {json.dumps(info)[:40]} instead of dtype / shape / data_offsets")
+    tag, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(tag, str):
+        raise corrupt(f"has dtype {json.dumps(tag)[:40]}")
+    if tag not in _SAFETENSORS_DTYPES or _SAFETENSORS_DTYPES[tag][0] is None:
+        raise WeightFileError(f"{path}: tensor '{name}' has dtype {tag}, which this loader cannot read.")
+    if not (isinstance(shape, list) and all(map(_is_count, shape))):
+        raise corrupt(f"has shape {json.dumps(shape)[:40]} (dimensions are non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise corrupt(f"has data_offsets {json.dumps(offsets)[:40]} (two integers, begin <= end)")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * _SAFETENSORS_DTYPES[tag][1]:
+        raise corrupt(f"has {end - begin} bytes of data for shape {shape} of {tag}")
+    return tag, shape, begin, end
+
+
+def _refuse_overlaps(path: Path, spans: list[tuple[str, int, int]]) -> None:
+    previous = None
+    for name, begin, end in sorted(spans, key=lambda span: span[1:]):
+        if previous is not None and begin < previous[2] and end > begin:
+            raise WeightFileError(f"{path}: corrupt safetensors header: the data of tensors '{previous[0]}' and "
+                                  f"'{name}' overlap. The file is damaged; download it again.")
+        if end > begin:
+            previous = (name, begin, end)
+
+
 def tensor_shape(tensors: Mapping, name: str) -> tuple[int, ...]:
     """Logical (torch-order) shape of one tensor, from the mapping's ``shape(name)`` when it has one (a lazy
     checkpoint reads it from the header; a quantized one reports the unpacked shape), else the tensor itself."""
@@ -151,6 +187,19 @@ def tensor_dtype(tensors: Mapping, name: str) -> torch.dtype:
     """Stored dtype of one tensor (from the header when the mapping can tell without reading data)."""
     dtype_of = getattr(tensors, "dtype", None)
     return dtype_of(name) if callable(dtype_of) else tensors[name].dtype
+
+
+def _index_shards(index: Path) -> set[str]:
+    """The shard file names a ``*.safetensors.index.json`` lists (its ``weight_map`` values)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (AttributeError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WeightFileError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}).") from None
+    shards = list(weight_map.values()) if isinstance(weight_map, dict) else []
+    if not shards or not all(isinstance(s, str) and s and Path(s).name == s for s in shards):
+        raise WeightFileError(f"{index}: not a valid safetensors index (its weight_map must map tensor names to "
+                              "shard file names in the same folder).")
+    return set(shards)
 
 
 def open_checkpoint(path: str | os.PathLike) -> SafetensorsCheckpoint:
@@ -166,19 +215,10 @@ def open_checkpoint(path: str | os.PathLike) -> SafetensorsCheckpoint:
         if path.suffix.lower() == ".gguf":
             raise WeightFileError(f"{path}: this is a GGUF file; it is read by the GGUF loader, not as safetensors.")
         return SafetensorsCheckpoint([path])
-    config = None
-    if (path / "config.json").is_file():
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightFileError(f"{path / 'config.json'}: not valid JSON ({e}).") from None
+    config = read_config(path / "config.json") if (path / "config.json").is_file() else None
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
-        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightFileError(f"{indexes[0]}: not a valid safetensors index ({e}).") from None
-        files = sorted({path / shard for shard in weight_map.values()})
+        files = sorted({path / shard for shard in _index_shards(indexes[0])})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise WeightFileError(f"{path}: the index lists shards that are missing: {', '.join(missing)}.")

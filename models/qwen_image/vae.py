@@ -377,6 +377,9 @@ class QwenImageVAE(nn.Module):
         if images.ndim != 4 or images.shape[-1] < 3:
             raise ValueError(f"images must be [B, H, W, 3] (got shape {tuple(images.shape)}).")
         batch, height, width = images.shape[:3]
+        if batch == 0 or height < SPATIAL_FACTOR or width < SPATIAL_FACTOR:
+            raise ValueError(f"VAE encode needs at least one image of at least {SPATIAL_FACTOR}x{SPATIAL_FACTOR} "
+                             f"pixels, got {batch} of {width}x{height}; scale the image up first.")
         if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
             raise ValueError(f"image size {width}x{height} is not a multiple of {SPATIAL_FACTOR} in both sides.")
         tile = _round_up(tile_size or DEFAULT_ENCODE_TILE, SPATIAL_FACTOR)
@@ -422,6 +425,8 @@ class QwenImageVAE(nn.Module):
         if z.ndim != 4 or z.shape[1] != self.z_dim:
             raise ValueError(f"latents must be [B, {self.z_dim}, h, w] (got shape {tuple(z.shape)}).")
         batch, _, height, width = z.shape
+        if 0 in z.shape:
+            raise ValueError(f"VAE decode got an empty latent batch (shape {tuple(z.shape)}).")
         tile = tile_size or DEFAULT_DECODE_TILE
         overlap = max(DECODE_MIN_OVERLAP, tile_overlap or 0)
         with torch.no_grad():

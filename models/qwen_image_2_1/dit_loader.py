@@ -76,11 +76,12 @@ def detect_dit_2_1_config(tensors: Mapping, config_json: Mapping | None = None,
 
 
 def dit_2_1_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                         ops=None, config_json: Mapping | None = None,
-                         source: str = "checkpoint") -> QwenImage21DiT:
+                         ops=None, config_json: Mapping | None = None, source: str = "checkpoint",
+                         model_class: type[QwenImage21DiT] = QwenImage21DiT) -> QwenImage21DiT:
     """Build a :class:`QwenImage21DiT` from a ``name -> tensor`` mapping (any supported key layout).
 
     ``dtype`` is the compute dtype and the storage dtype of non-fp8 weights; fp8 weights are kept as stored.
+    ``model_class``: a subclass to instantiate (a host adapts the calling convention this way).
     Raises :class:`WeightFileError` (the registry's words) for anything but a Qwen-Image 2.1 DiT.
     """
     identity = identify(tensors)
@@ -90,17 +91,19 @@ def dit_2_1_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, d
     config = detect_dit_2_1_config(view, config_json, source)
     stored = str(tensor_dtype(view, "transformer_blocks.0.attn.to_q.weight")).removeprefix("torch.")
     logger.info("Qwen-Image 2.1 DiT: %d blocks, width %d, %s weights", config.depth, config.width, stored)
-    model = QwenImage21DiT(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
+    model = model_class(config, compute_dtype=dtype, ops=ops or CastOps, device="meta", dtype=dtype)
     return materialize(model, view, dtype=dtype, device=device, what=f"{source} (Qwen-Image 2.1 DiT)")
 
 
 def load_diffusion_model_2_1(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                             device: torch.device | str = "cpu", ops=None) -> QwenImage21DiT:
+                             device: torch.device | str = "cpu", ops=None,
+                             model_class: type[QwenImage21DiT] = QwenImage21DiT) -> QwenImage21DiT:
     """Load a Qwen-Image 2.1 DiT from a single file, a diffusers folder, a pipeline folder or a ``.gguf`` file.
 
     ``dtype``: compute dtype (and storage dtype of non-fp8 weights).  ``ops``: operations namespace (default
-    :class:`models.common.ops.CastOps`; GGUF files default to their quantized layers).
+    :class:`models.common.ops.CastOps`; GGUF files default to their quantized layers).  ``model_class``: as in
+    :func:`dit_2_1_from_tensors`.
     """
     weights = open_dit_weights(path, "transformer")
     return dit_2_1_from_tensors(weights.tensors, dtype=dtype, device=device, ops=ops or weights.ops,
-                                config_json=weights.config, source=str(path))
+                                config_json=weights.config, source=str(path), model_class=model_class)

@@ -20,6 +20,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from ...models import QWEN_IMAGE_LATENT, QwenImageVAE, TextEncoder
+from .model import TEXT_ENCODER_KEY
 
 SPATIAL_FACTOR = QWEN_IMAGE_LATENT.spatial_factor
 
@@ -72,9 +73,12 @@ class HostVAE:
         return None
 
     def vae_encode_crop_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Centre-crop to whole latent cells like the host does (our edit nodes size images exactly instead)."""
+        """Centre-crop to whole latent cells like the host does (our edit nodes size images exactly instead); an
+        image smaller than one cell is left as it is, for the VAE to refuse with its real size."""
         height = (pixels.shape[1] // SPATIAL_FACTOR) * SPATIAL_FACTOR
         width = (pixels.shape[2] // SPATIAL_FACTOR) * SPATIAL_FACTOR
+        if height == 0 or width == 0:
+            return pixels
         top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
         return pixels[:, top:top + height, left:left + width, :]
 
@@ -127,8 +131,10 @@ def host_tokenizer_dir() -> str:
 class HostTextEncoder:
     """A loaded :class:`TextEncoder` plus the ModelPatcher through which the host manages its weights."""
 
-    def __init__(self, encoder: TextEncoder, load_device: torch.device, offload_device: torch.device):
+    def __init__(self, encoder: TextEncoder, load_device: torch.device, offload_device: torch.device,
+                 name: str = ""):
         self.encoder = encoder
+        self.name = name or os.path.basename(encoder.source)
         self.patcher = comfy.model_patcher.ModelPatcher(_Managed(encoder.model), load_device=load_device,
                                                         offload_device=offload_device)
 
@@ -138,3 +144,8 @@ class HostTextEncoder:
         self.encoder.device = self.patcher.load_device
         emb, _ = self.encoder.encode(prompt, images=images, template=template)
         return emb.float().to(mm.intermediate_device())
+
+    def conditioning(self, embeddings: torch.Tensor, **options) -> list:
+        """The host's CONDITIONING for embeddings of this encoder; it carries the encoder's file name, so a diffusion
+        model of another width can say which file does not fit."""
+        return [[embeddings, {TEXT_ENCODER_KEY: self.name, **options}]]

@@ -8,9 +8,13 @@ single files.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import folder_paths
+
+from ...models import WeightFileError
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 WEIGHT_EXTENSIONS = (*SAFETENSORS_EXTENSIONS, ".gguf")
@@ -93,3 +97,14 @@ def resolve(folder: str, name: str) -> str:
             return path
     raise FileNotFoundError(f"'{name}' is not in the {folder} model folder any more "
                             f"({', '.join(folder_paths.get_folder_paths(folder))}). Refresh the page and pick again.")
+
+
+@contextlib.contextmanager
+def chosen_file(folder: str, input_name: str, name: str) -> Iterator[str]:
+    """The path of the file (or folder) a loader's ``input_name`` chose; a :class:`WeightFileError` raised while
+    it is used (wrong model, damaged or incomplete file) names that input, so the user knows which widget to change."""
+    path = resolve(folder, name)
+    try:
+        yield path
+    except WeightFileError as e:
+        raise type(e)(f"{input_name}: {e}") from None

@@ -34,6 +34,8 @@ logger = logging.getLogger("qwen_image")
 
 # transformer_options["patches"] entry under which DiffSynth blockwise controls reach the DiT (nodes/control.py).
 BLOCKWISE_PATCHES = "qip_blockwise"
+# CONDITIONING option with the file name of the text encoder that made it (see HostTextEncoder.conditioning).
+TEXT_ENCODER_KEY = "qip_text_encoder"
 
 
 def _shift_for(width: int, height: int) -> float:
@@ -92,8 +94,22 @@ def as_image_latent(latent: torch.Tensor) -> torch.Tensor:
     return latent
 
 
+def _check_conditioning_width(context: torch.Tensor | None, width: int, model: str, encoder: str | None) -> None:
+    """Conditioning from a text encoder of another width (e.g. Qwen2.5-VL-3B) is refused naming both files,
+    not left to fail as a matrix-shape error deep in the DiT."""
+    if context is None or context.shape[-1] == width:
+        return
+    made_by = f" (made by the text encoder {encoder})" if encoder else ""
+    raise ValueError(
+        f"The prompt conditioning is {context.shape[-1]} wide{made_by}, but the diffusion model {model} reads "
+        f"{width}-wide conditioning: they do not belong together. Load the text encoder made for this model in "
+        "Load Qwen-Image Text Encoder (Qwen2.5-VL-7B for the released Qwen-Image models).")
+
+
 class HostQwenImageDiT(QwenImageDiT):
     """The DiT with the host's calling convention; parameters and maths are those of :class:`QwenImageDiT`."""
+
+    source = "(loaded by the library)"  # the file it came from, for messages; the loader node sets it
 
     @property
     def dtype(self) -> torch.dtype:  # the host reads diffusion_model.dtype to cast inputs
@@ -102,6 +118,7 @@ class HostQwenImageDiT(QwenImageDiT):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, ref_latents: list[torch.Tensor] | None = None,
                 control=None, transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
+        _check_conditioning_width(context, self.config.joint_dim, self.source, kwargs.get(TEXT_ENCODER_KEY))
         frames = x.ndim == 5
         layered = frames and x.shape[2] > 1  # Qwen-Image-Layered: the whole image and its layers
         latent = x if layered else as_image_latent(x)
@@ -154,6 +171,8 @@ class QwenImageHostModel(_HostBase):
         references = kwargs.get("reference_latents")
         if references:
             out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in references])
+        if kwargs.get(TEXT_ENCODER_KEY):
+            out[TEXT_ENCODER_KEY] = comfy.conds.CONDConstant(kwargs[TEXT_ENCODER_KEY])
         return out
 
     def extra_conds_shapes(self, **kwargs) -> dict:
@@ -165,13 +184,14 @@ class QwenImageHostModel(_HostBase):
 
 
 class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
-    """The host's ModelPatcher, aware of GGUF layers' patched dense weights: they count in the model's size (so
-    the host makes room for them before loading) and are dropped when it unpatches."""
+    """The host's ModelPatcher, aware of the dense weights GGUF layers hold - patched copies and the dequant-once
+    cache: they count in the model's size (so the host makes room for them before loading); patched copies are
+    dropped when it unpatches."""
 
     def model_size(self) -> int:
         if getattr(self, "_weights_size", None) is None:  # the packed weights themselves, measured once
             self._weights_size = comfy.model_management.module_size(self.model)
-        return self._weights_size + self.patched_gguf_bytes()
+        return self._weights_size + self.patched_gguf_bytes() + self.gguf_cache_bytes()
 
     def patched_gguf_bytes(self) -> int:
         """Memory of the dense copies GGUF layers hold once patched (bf16 on GPUs, fp32 on CPU)."""
@@ -183,6 +203,13 @@ class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
             if isinstance(weight, QuantizedTensor):
                 extra += weight.logical_shape.numel() * per_value
         return extra
+
+    def gguf_cache_bytes(self) -> int:
+        """Memory of the dense weights GGUF layers keep dequantized (the one-vector cache) in the compute dtype; a
+        patched layer uses its patched copy instead (counted by :meth:`patched_gguf_bytes`)."""
+        dtype = self.model.diffusion_model.dtype
+        return sum(module.planned_cache_bytes(dtype) for name, module in self.model.named_modules()
+                   if isinstance(module, HostPatchable) and f"{name}.weight" not in self.patches)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
         result = super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)

@@ -99,6 +99,16 @@ class HostPatchable:
         return bias
 
 
+def set_gguf_dequant_cache(model: torch.nn.Module, enabled: bool) -> None:
+    """The diffusion-model loader's dequant_cache switch.  On: GGUF layers keep the weights their file marks (those
+    of the layers that see one vector per step, within a budget) dequantized after first use, counted in the model
+    size the host plans with (:meth:`.model.QwenImageModelPatcher.gguf_cache_bytes`).  Off: every weight is
+    dequantized at each use (the least memory)."""
+    for module in model.modules():
+        if isinstance(module, HostPatchable):
+            module.set_dequant_cache(None if enabled else False)
+
+
 class HostGGUFOps(GGUFOps):
     """GGUF layers the host's ModelPatcher can patch (see :class:`HostPatchable`)."""
 

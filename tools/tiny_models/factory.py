@@ -659,7 +659,9 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
     ``vae/qwen_image_vae.safetensors`` and the Layered RGBA ``vae/qwen_image_layered_vae.safetensors``,
     ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors`` and the
     Lightning LoRAs under their released names (:data:`tiny_models.loras.LIGHTNING_LORAS`), the InstantX
-    ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``; with
+    ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``, Qwen-Image
+    2.1's ``diffusion_models/qwen_image_2_1_bf16.safetensors`` and ``qwen_image_2_1_turbo_bf16.safetensors`` (other
+    weights), ``vae/qwen_image_2.1_vae_bf16.safetensors`` and ``text_encoders/qwen_3_vl_8b.safetensors``; with
     ``tokenizer_dir`` (GGUF text encoders carry their tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf``
     and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf`` with its mmproj file."""
     out_dir = Path(out_dir)
@@ -681,6 +683,17 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
 
     written.update({f"lightning_lora_{model}": path
                     for model, path in make_lightning_loras(out_dir / "loras", seed=seed).items()})
+    from .qwen3vl import make_qwen3vl  # the 2.1 factories build on this module
+    from .qwen_image_2_1 import make_dit_2_1
+    from .qwen_image_2_1_vae import make_vae_2_1
+
+    written.update(
+        diffusion_model_2_1=make_dit_2_1(out_dir / "diffusion_models", seed=seed),
+        turbo_diffusion_model_2_1=_renamed(make_dit_2_1(out_dir / "2.1_turbo", seed=seed + 1),
+                                           out_dir / "diffusion_models" / "qwen_image_2_1_turbo_bf16.safetensors"),
+        vae_2_1=make_vae_2_1(out_dir / "vae", layout="comfy", seed=seed),
+        text_encoder_2_1=make_qwen3vl(out_dir / "text_encoders", seed=seed),
+    )
     if tokenizer_dir is not None:
         from .gguf_factory import make_dit_gguf, make_text_encoder_gguf  # it builds on this module
 

@@ -43,7 +43,9 @@ from ...common.ops import CastOps
 from ...io.loading import materialize, open_weights
 from ...io.weights import WeightFileError
 from ...registry import expect
-from ..templates import IMAGE_PAD, PromptTemplate
+from ..checkpoint import CheckpointShapes, canonical_name, int_list
+from ..prompt_encoder import PromptEncoder
+from ..templates import PromptTemplate, resolve_template
 from ..tokenizer import QwenTokenizer, find_tokenizer
 from ..vision_preprocess import preprocess_image
 from .model import Qwen25VLModel, TextConfig, VisionConfig, mrope_positions
@@ -54,33 +56,21 @@ REQUIRED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight
             "visual.blocks.0.attn.qkv.weight")
 EXPECTED = "a Qwen2.5-VL text encoder"
 
-class TextEncoder:
+class TextEncoder(PromptEncoder):
     """A loaded Qwen2.5-VL condition encoder with its tokenizer; see :meth:`encode`."""
 
     def __init__(self, model: Qwen25VLModel, tokenizer: QwenTokenizer, templates: Mapping[str, PromptTemplate],
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", source: str = "<memory>"):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.templates = dict(templates)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.source = source
-        self.image_pad_id = tokenizer.token_id(IMAGE_PAD)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.model.config.hidden_size
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", source: str = "<memory>",
+                 missing_vision: str | None = None):
+        super().__init__(model, tokenizer, templates, dtype=dtype, device=device, source=source)
+        # Without a vision tower: why, and what to get (the default fits a language-model-only safetensors file).
+        self.missing_vision = missing_vision or (
+            f"{source}: this text encoder has no vision tower (no visual.* tensors; a plain Qwen2.5 language model). "
+            "Image editing needs the Qwen2.5-VL text encoder (e.g. qwen_2.5_vl_7b*.safetensors).")
 
     @property
     def has_vision(self) -> bool:
         return self.model.visual is not None
-
-    def _image_list(self, images) -> list[torch.Tensor]:
-        if images is None:
-            return []
-        if isinstance(images, torch.Tensor):
-            images = [images] if images.ndim == 3 else list(images.unbind(0))  # a [B, H, W, 3] batch
-        return list(images)
 
     @torch.no_grad()
     def encode(self, prompt: str, images: Sequence[torch.Tensor] | torch.Tensor | None = None,
@@ -95,145 +85,84 @@ class TextEncoder:
         ``options``: run options for the attention (see :mod:`models.common.attention`).
         Returns ``(emb [1, L, hidden] in the encoder dtype, mask [1, L] int64 ones)``.
         """
-        if isinstance(template, PromptTemplate):
-            spec = template
-        elif template in self.templates:
-            spec = self.templates[template]
-        else:
-            raise ValueError(f"unknown template {template!r}; use one of {', '.join(self.templates)}")
         images = self._image_list(images)
-        by_images = {kind: [n for n, t in self.templates.items() if t.images == kind] for kind in ("one", "numbered")}
-        if spec.images == "none" and images:
-            raise ValueError(f"template {template!r} takes no images (got {len(images)}); use one of "
-                             f"{', '.join(by_images['one'] + by_images['numbered'])}.")
-        if spec.images == "one" and len(images) != 1:
-            raise ValueError(f"template {template!r} takes exactly one image (got {len(images)}); "
-                             f"use {' or '.join(by_images['numbered']) or 'a numbered template'} for several.")
+        spec = resolve_template(self.templates, template, len(images))
         if images and not self.has_vision:
-            raise WeightFileError(
-                f"{self.source}: this text encoder has no vision tower (no visual.* tensors; a plain Qwen2.5 "
-                "language model), so it cannot encode images. Image editing needs the Qwen2.5-VL text encoder "
-                "(e.g. qwen_2.5_vl_7b*.safetensors).")
+            raise WeightFileError("This text encoder was loaded without a vision tower, so it encodes prompts but "
+                                  f"not images: {self.missing_vision}")
 
-        ids = self.tokenizer.encode(spec.format(prompt, len(images)))
-        if spec.max_tokens is not None:
-            ids = ids[:spec.max_tokens]
-        pads = [i for i, token in enumerate(ids) if token == self.image_pad_id]
-        if images and len(pads) != len(images):
-            raise ValueError(f"the prompt has {len(pads) - len(images)} extra '{IMAGE_PAD}' placeholder(s) "
-                             f"beyond the {len(images)} image(s); remove them from the prompt text.")
-
-        features, spans, expanded, cursor = [], [], [], 0
-        for pad, image in zip(pads, images):  # each placeholder becomes the image's merged tokens
+        ids, pads = self._prompt_ids(spec, prompt, len(images))
+        features, grids = [], []
+        for image in images:  # each placeholder becomes the image's merged tokens
             patches, grid = preprocess_image(image.to(self.device))
-            tokens = self.model.visual(patches, grid, dtype=self.dtype, options=options)
+            features.append(self.model.visual(patches, grid, dtype=self.dtype, options=options))
             merge = self.model.visual.config.spatial_merge_size
-            expanded += ids[cursor:pad]
-            spans.append((len(expanded), grid[0] // merge, grid[1] // merge))
-            expanded += [self.image_pad_id] * tokens.shape[0]
-            features.append(tokens)
-            cursor = pad + 1
-        expanded += ids[cursor:]
-
-        token_ids = torch.tensor(expanded, dtype=torch.long, device=self.device)
-        embeds = self.model.model.embed_tokens(token_ids, out_dtype=self.dtype).to(self.dtype)
-        for (start, rows, cols), tokens in zip(spans, features):
-            embeds[start:start + rows * cols] = tokens.to(self.dtype)
-        positions = mrope_positions(len(expanded), spans).to(self.device)
+            grids.append((grid[0] // merge, grid[1] // merge))
+        embeds, spans = self._embed_prompt(ids, pads, features, grids)
+        positions = mrope_positions(len(embeds), spans).to(self.device)
         hidden = self.model.model(embeds[None], positions, options)
-        emb = hidden[:, spec.drop:]
+        emb = hidden[:, spec.drop_count(self.tokenizer.encode):]
         return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-def canonical_name(key: str) -> str | None:
-    """Checkpoint name -> module name (Comfy single-file names); ``None`` drops it (lm_head, fp8 marker)."""
-    if key.startswith("lm_head.") or key == "scaled_fp8":
-        return None
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith("model.visual."):
-        return "visual." + key[len("model.visual."):]
-    return key
-
-
-def _block_count(names: Iterable[str], prefix: str, source: str) -> int:
-    indices = {int(n[len(prefix):].split(".", 1)[0]) for n in names if n.startswith(prefix)}
-    if indices != set(range(len(indices))):
-        raise WeightFileError(f"{source}: blocks {prefix}N are not numbered 0..{len(indices) - 1} "
-                              f"(found {sorted(indices)[:8]}...); the file is incomplete.")
-    return len(indices)
-
-
-def _json_sections(config: dict | None) -> tuple[dict, dict]:
-    """(text, vision) sub-configs of an HF config.json, legacy (top-level text keys) or nested."""
-    if not config:
-        return {}, {}
-    text = config.get("text_config") or config
-    return text, config.get("vision_config") or {}
-
-
-def detect_configs(names: Iterable[str], shape_of: Callable[[str], Sequence[int]], config: dict | None = None,
+def detect_configs(names: Iterable[str], shape_of: Callable[[str], Sequence[int]], config: Mapping | None = None,
                    source: str = "checkpoint") -> tuple[TextConfig, VisionConfig | None]:
-    """Model shape from canonical tensor names (Comfy names) and their shapes; ``config`` is an HF config.json.
+    """Model shape from canonical tensor names (Comfy names) and their shapes; ``config`` is an HF config.json
+    (a :class:`models.io.model_config.ModelConfig`, whose reads are checked, or a plain dict).
 
     Raises :class:`WeightFileError` saying what the file looks like when it is not a Qwen2.5(-VL) model.
     """
-    names = set(names)
-    required = ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
-                "model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.gate_proj.weight")
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise WeightFileError(f"{source}: not {EXPECTED}: missing {', '.join(missing)}.")
-    text_json, vision_json = _json_sections(config)
-    vocab, hidden = shape_of("model.embed_tokens.weight")
-    q_rows = shape_of("model.layers.0.self_attn.q_proj.weight")[0]
-    kv_rows = shape_of("model.layers.0.self_attn.k_proj.weight")[0]
-    if text_json.get("head_dim"):
-        head_dim = int(text_json["head_dim"])
-    elif text_json.get("num_attention_heads"):
-        head_dim = q_rows // int(text_json["num_attention_heads"])
+    shape = CheckpointShapes(names, shape_of, config, source, "Qwen2.5-VL", EXPECTED, (
+        "model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+        "model.layers.0.mlp.gate_proj.weight"))
+    vocab, hidden = shape("model.embed_tokens.weight", 2)
+    q_rows = shape("model.layers.0.self_attn.q_proj.weight", 2)[0]
+    kv_rows = shape("model.layers.0.self_attn.k_proj.weight", 2)[0]
+    if shape.text.get("head_dim", 0):
+        head_dim = shape.text.get("head_dim", 0)
+    elif shape.text.get("num_attention_heads", 0):
+        head_dim = q_rows // shape.text.get("num_attention_heads", 0)
     else:
         head_dim = 128 if hidden >= 1024 else kv_rows // 2
-    if head_dim <= 0 or q_rows % head_dim or kv_rows % head_dim or (q_rows // head_dim) % (kv_rows // head_dim):
-        raise WeightFileError(f"{source}: attention shapes q {q_rows} / kv {kv_rows} rows do not fit head_dim "
-                              f"{head_dim}; not a Qwen2.5 layout.")
-    rope = text_json.get("rope_parameters") or text_json.get("rope_scaling") or {}
-    section = rope.get("mrope_section")
+    num_heads, num_kv_heads = shape.heads(head_dim, q_rows, kv_rows)
+    rope_theta, section = shape.rope(1_000_000.0)
     text = TextConfig(
         vocab_size=vocab, hidden_size=hidden,
-        intermediate_size=shape_of("model.layers.0.mlp.gate_proj.weight")[0],
-        num_layers=_block_count(names, "model.layers.", source),
-        num_heads=q_rows // head_dim, num_kv_heads=kv_rows // head_dim, head_dim=head_dim,
-        rms_norm_eps=float(text_json.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(text_json.get("rope_theta") or rope.get("rope_theta") or 1_000_000.0),
-        mrope_section=tuple(section) if section else None,
+        intermediate_size=shape("model.layers.0.mlp.gate_proj.weight", 2)[0],
+        num_layers=shape.count("model.layers."), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        rms_norm_eps=float(shape.text.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, mrope_section=section,
     )
     if sum(text.sections) != head_dim // 2:
         raise WeightFileError(f"{source}: M-RoPE sections {text.sections} do not cover head_dim {head_dim} / 2.")
 
-    if "visual.patch_embed.proj.weight" not in names:
+    if "visual.patch_embed.proj.weight" not in shape.names:
         return text, None
-    width, channels, temporal, patch, _ = shape_of("visual.patch_embed.proj.weight")
-    merge = math.isqrt(shape_of("visual.merger.mlp.0.weight")[1] // width)
-    depth = _block_count(names, "visual.blocks.", source)
+    width, channels, temporal, patch, _ = shape("visual.patch_embed.proj.weight", 5)
+    merge = math.isqrt(shape("visual.merger.mlp.0.weight", 2)[1] // width)
+    depth = shape.count("visual.blocks.")
     spacing = depth // 4 if depth >= 8 else 2
+    num_heads = shape.vision.get("num_heads", 0) or (16 if width >= 256 else width // 16)
+    window = shape.vision.get("window_size", 112)
+    full = shape.vision.get("fullatt_block_indexes")
     vision = VisionConfig(
         hidden_size=width,
-        intermediate_size=shape_of("visual.blocks.0.mlp.gate_proj.weight")[0],
+        intermediate_size=shape("visual.blocks.0.mlp.gate_proj.weight", 2)[0],
         depth=depth,
-        num_heads=int(vision_json.get("num_heads") or (16 if width >= 256 else width // 16)),
-        out_hidden_size=shape_of("visual.merger.mlp.2.weight")[0],
+        num_heads=num_heads,
+        out_hidden_size=shape("visual.merger.mlp.2.weight", 2)[0],
         patch_size=patch, temporal_patch_size=temporal, spatial_merge_size=merge, in_channels=channels,
-        window_size=int(vision_json.get("window_size", 112)),
-        fullatt_block_indexes=tuple(vision_json.get("fullatt_block_indexes")
-                                    or [i for i in range(depth) if (i + 1) % spacing == 0]),
+        window_size=window,
+        fullatt_block_indexes=(int_list(full, source, "fullatt_block_indexes", below=depth) if full is not None
+                               else tuple(i for i in range(depth) if (i + 1) % spacing == 0)),
     )
-    if vision.out_hidden_size != hidden:
-        raise WeightFileError(f"{source}: the vision tower outputs {vision.out_hidden_size} features but the language "
-                              f"model is {hidden} wide; the tensors come from different models.")
+    if num_heads <= 0 or width % num_heads or merge <= 0 or window <= 0 or window % (merge * patch):
+        raise WeightFileError(f"{source}: the vision tower's settings do not fit its tensors (width {width}, "
+                              f"{num_heads} heads, merge {merge}, patch {patch}, window {window}).")
+    shape.check_vision_output(vision.out_hidden_size, hidden)
     return text, vision
 
 
@@ -241,21 +170,24 @@ def build_text_encoder(tensors: Mapping[str, torch.Tensor], text: TextConfig, vi
                        tokenizer: QwenTokenizer, templates: Mapping[str, PromptTemplate],
                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", ops=None,
                        rename: Callable[[str], str | None] | None = canonical_name,
-                       source: str = "<memory>") -> TextEncoder:
+                       source: str = "<memory>", missing_vision: str | None = None) -> TextEncoder:
     """Build the encoder on the meta device and fill it from ``tensors`` (any lazy mapping).
 
     ``rename`` maps the mapping's names to the Comfy names (default: HF / transformers-5 names); a GGUF
     reader passes a mapping already keyed by Comfy names and ``rename=None``.  Float tensors become ``dtype``
     except fp8, which stays fp8 (scaled with ``scale_weight``).  ``templates``: the family's prompt templates.
+    ``missing_vision``: without a vision tower, what the user should get to encode images.
     """
     device = torch.device(device)
     model = Qwen25VLModel(text, vision, device="meta", dtype=dtype, ops=ops or CastOps)
     materialize(model, tensors, dtype=dtype, device=device, rename=rename, what=source)
-    return TextEncoder(model, tokenizer, templates, dtype=dtype, device=device, source=source)
+    return TextEncoder(model, tokenizer, templates, dtype=dtype, device=device, source=source,
+                       missing_vision=missing_vision)
 
 
 def _open_gguf(path: Path):
-    """A llama.cpp text GGUF + its mmproj, already under Comfy names, with the tokenizer from its metadata."""
+    """A llama.cpp text GGUF + its mmproj (when next to it), already under Comfy names, with the tokenizer from
+    its metadata."""
     from ...io.gguf import GGUFOps, open_text_encoder_gguf
 
     checkpoint, tokenizer = open_text_encoder_gguf(path)
@@ -268,7 +200,8 @@ def load_qwen25vl(path: str | os.PathLike, templates: Mapping[str, PromptTemplat
                   device: str | torch.device = "cpu", ops=None,
                   host_tokenizer_dirs: Iterable[str | os.PathLike] = ()) -> TextEncoder:
     """Load a Qwen2.5-VL encoder from a safetensors file, an HF folder (or a pipeline folder holding
-    ``text_encoder/``) or a llama.cpp GGUF with its mmproj (see the module docstring).
+    ``text_encoder/``) or a llama.cpp GGUF with its mmproj (see the module docstring).  A GGUF without an mmproj
+    next to it loads as a language model (text-to-image); encoding images then says which file to download.
 
     ``templates``: the family's prompt templates.  ``tokenizer``: a :class:`QwenTokenizer`, a tokenizer folder /
     ``tokenizer.json``, or ``None`` for the GGUF's own, else the one next to the weights, in
@@ -277,8 +210,8 @@ def load_qwen25vl(path: str | os.PathLike, templates: Mapping[str, PromptTemplat
     """
     source = str(path)
     weights = open_weights(path, "text_encoder", gguf_opener=_open_gguf)
-    if weights.ops is None:  # GGUF files were checked by their architecture tag
-        expect(weights.tensors, "qwen_image", "text_encoder", EXPECTED, REQUIRED, source_name=source)
+    expect(weights.tensors, "qwen_image", "text_encoder", EXPECTED, REQUIRED, source_name=source)
+    if weights.ops is None:
         canonical = {name: key for key in weights.tensors if (name := canonical_name(key)) is not None}
         rename = canonical_name
     else:
@@ -290,4 +223,5 @@ def load_qwen25vl(path: str | os.PathLike, templates: Mapping[str, PromptTemplat
     elif not isinstance(tokenizer, QwenTokenizer):
         tokenizer = find_tokenizer(explicit=tokenizer, weights=Path(path), host_dirs=host_tokenizer_dirs)
     return build_text_encoder(weights.tensors, text, vision, tokenizer, templates, dtype=dtype, device=device,
-                              ops=ops or weights.ops, rename=rename, source=source)
+                              ops=ops or weights.ops, rename=rename, source=source,
+                              missing_vision=getattr(weights.tensors, "missing_vision", None))

@@ -1,23 +1,30 @@
 """Layers whose weights stay quantized in memory: :class:`QuantizedTensor` and the :class:`GGUFOps` namespace.
 
 A :class:`QuantizedTensor` is a ``uint8`` tensor of packed ggml blocks that also knows its ggml type and logical
-(torch-order) shape.  Moving it (``.to(device)``, ``.cuda()``, ``module.to()``), detaching, cloning, pinning,
+(torch-order) shape, the :class:`DequantContext` of the checkpoint it came from and whether it is kept dequantized
+by default.  Moving it (``.to(device)``, ``.cuda()``, ``module.to()``), detaching, cloning, pinning,
 ``copy.deepcopy`` and ``state_dict()`` all keep it a QuantizedTensor; a ``.to(float dtype)`` only moves the
 device (the bytes are not numbers).  Every other torch operation sees plain bytes.
 
 :class:`GGUFOps` has the class names and constructor signatures of :class:`models.common.ops.CastOps`.  A layer whose
 weight is a QuantizedTensor moves the packed bytes to the input's device and dequantizes them there, in the
-input's dtype, at each call ("just in time"); F32/F16/BF16 weights behave exactly like CastOps.  Two caches
-trade memory for time and are visible in :func:`memory_report`:
+input's dtype, at each call ("just in time"), into its context's scratch for the calling thread; F32/F16/BF16
+weights behave exactly like CastOps.  Two caches trade memory for time and are visible in :func:`memory_report`:
 
-* the dequant-once cache (:func:`enable_dequant_cache`; by default the DiT's ``img_mod.1`` / ``txt_mod.1``
-  modulation Linears, a third of all parameters, which see one vector per step), and
+* the dequant-once cache, for layers that see one vector per step: on by default for the weights a checkpoint marks
+  ``keep_dense`` (the DiT's :data:`ONE_VECTOR_LAYERS`: modulations and timestep MLP, a third of all parameters,
+  within a budget: :func:`models.io.gguf.open_dit_gguf`), switched per layer with :func:`enable_dequant_cache`;
+  the dense weight is kept in the compute dtype on the device of its packed weight, dropped when the layer moves;
 * LoRA: ``layer.set_lora([(up, down, scale), ...])`` or a dense delta is merged once into a cached dense weight
   instead of being re-applied at every call.
+
+Thread safety: layers may run in several threads at once (one model or several): scratch is per thread and per
+context, and the caches are replaced atomically (a thread that finds none builds its own).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,13 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...common.ops import CastOps, cast_bias, cast_weight
-from .dequant import dequantize
+from .dequant import FusedDequant, Workspace, dequantize
 from .reader import GGMLType, quantized_nbytes
 
-__all__ = ["QuantizedTensor", "GGUFOps", "enable_dequant_cache", "memory_report", "MemoryReport",
-           "MODULATION_LAYERS", "LoraDelta"]
+__all__ = ["QuantizedTensor", "DequantContext", "GGUFOps", "enable_dequant_cache", "memory_report", "MemoryReport",
+           "ONE_VECTOR_LAYERS", "LoraDelta"]
 
-MODULATION_LAYERS = ("img_mod.1", "txt_mod.1")
+# The DiT's Linears that see one vector per step: the modulations and the timestep MLP (img_mod / txt_mod alone are
+# a third of all parameters).  Dequantizing them at every step costs far more than their matmuls.
+ONE_VECTOR_LAYERS = ("img_mod.1", "txt_mod.1", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+                     "time_text_embed.timestep_embedder.linear_2")
 
 # (up [out, r], down [r, in...], scale) - the merged delta is scale * up @ down - or a dense delta tensor.
 LoraDelta = tuple[torch.Tensor, torch.Tensor, float]
@@ -43,23 +53,89 @@ _KEEP_QUANTIZED = {
 }
 
 
+class _ThreadScratch:
+    """One thread's scratch in one context (CPU): the kernels' workspace, output buffers per role."""
+
+    def __init__(self):
+        self.workspace = Workspace()
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+class DequantContext:
+    """What the quantized weights of one checkpoint (one model) share at run time: each thread's CPU scratch - the
+    dequantization workspace and the buffers just-in-time weights are written to (fresh memory costs page faults
+    that take longer than dequantizing; GPU allocators cache their blocks already) - and ``fused``, the compiled
+    kernels used for CUDA tensors (None: off).
+
+    Its weights hold it: deleting the model frees every thread's scratch, and a thread's scratch also goes when
+    the thread ends.  Two threads never share a buffer, so models can run concurrently.
+    """
+
+    def __init__(self, fused: bool = True):
+        self._threads = threading.local()
+        self.fused = FusedDequant() if fused else None
+
+    def __reduce__(self):  # pickled weights get a fresh context (scratch is never saved)
+        return DequantContext, (self.fused is not None,)
+
+    def _scratch(self) -> _ThreadScratch:
+        scratch = getattr(self._threads, "scratch", None)
+        if scratch is None:
+            scratch = self._threads.scratch = _ThreadScratch()
+        return scratch
+
+    def workspace(self) -> Workspace:
+        """The calling thread's CPU dequantization workspace."""
+        return self._scratch().workspace
+
+    def buffer(self, role: str, numel: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The calling thread's reused ``role`` buffer of ``numel`` elements like ``like`` (CPU only, else None)."""
+        if like.device.type != "cpu":
+            return None
+        buffers = self._scratch().buffers
+        key = (role, like.dtype)
+        buffer = buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffers[key] = None  # free the old buffer before allocating the new one
+            buffer = buffers[key] = torch.empty(numel, dtype=like.dtype)
+        return buffer[:numel]
+
+    def scratch_bytes(self) -> int:
+        """Memory of the calling thread's scratch in this context."""
+        scratch = self._scratch()
+        return sum(b.numel() * b.element_size() for b in scratch.buffers.values()) + scratch.workspace.nbytes
+
+
 class QuantizedTensor(torch.Tensor):
-    """Packed ggml blocks (``uint8 [*shape[:-1], row_bytes]``) with ``qtype`` and ``logical_shape``."""
+    """Packed ggml blocks (``uint8 [*shape[:-1], row_bytes]``) with ``qtype`` and ``logical_shape``; ``context``:
+    the :class:`DequantContext` its layer dequantizes with (None: fresh memory per call); ``keep_dense``: whether
+    its layer keeps it dequantized by default."""
 
     qtype: GGMLType
     logical_shape: torch.Size
+    context: DequantContext | None = None
+    keep_dense: bool = False
 
     @staticmethod
-    def wrap(raw: torch.Tensor, qtype: GGMLType | int, shape: Sequence[int]) -> "QuantizedTensor":
+    def wrap(raw: torch.Tensor, qtype: GGMLType | int, shape: Sequence[int], context: DequantContext | None = None,
+             keep_dense: bool = False) -> "QuantizedTensor":
         """View ``raw`` bytes as a QuantizedTensor (no copy)."""
         shape = torch.Size(int(d) for d in shape)
         if raw.dtype != torch.uint8 or raw.numel() != quantized_nbytes(GGMLType(qtype), shape):
             raise ValueError(f"{raw.numel()} {raw.dtype} values cannot hold a {GGMLType(qtype).name} tensor of "
                              f"shape {list(shape)}.")
         tensor = raw.as_subclass(QuantizedTensor)
-        tensor.qtype = GGMLType(qtype)
-        tensor.logical_shape = shape
+        tensor.qtype, tensor.logical_shape = GGMLType(qtype), shape
+        tensor.context, tensor.keep_dense = context, keep_dense
         return tensor
+
+    def _adopt(self, result: torch.Tensor) -> "QuantizedTensor":
+        """``result`` (the same bytes, moved or copied) as a QuantizedTensor with this tensor's attributes."""
+        if not isinstance(result, QuantizedTensor) or result is not self:
+            result = result.as_subclass(QuantizedTensor)
+        result.qtype, result.logical_shape = self.qtype, self.logical_shape
+        result.context, result.keep_dense = self.context, self.keep_dense
+        return result
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -77,50 +153,46 @@ class QuantizedTensor(torch.Tensor):
         source = args[0] if args else None
         if (name in _KEEP_QUANTIZED and isinstance(source, QuantizedTensor) and isinstance(result, torch.Tensor)
                 and result.dtype == torch.uint8 and result.shape == source.shape):
-            if not isinstance(result, QuantizedTensor) or result is not source:
-                result = result.as_subclass(QuantizedTensor)
-            result.qtype, result.logical_shape = source.qtype, source.logical_shape
+            result = source._adopt(result)
         return result
 
     def __deepcopy__(self, memo: dict) -> "QuantizedTensor":
         if id(self) not in memo:
-            copied = QuantizedTensor.wrap(self.as_subclass(torch.Tensor).clone(), self.qtype, self.logical_shape)
+            copied = self._adopt(self.as_subclass(torch.Tensor).clone())
             if getattr(self, "_is_param", False):
                 copied._is_param = True  # stays an nn.Parameter (custom-tensor parameters carry this flag)
             memo[id(self)] = copied
         return memo[id(self)]
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight as an ordinary tensor of ``dtype`` on this tensor's device (written into ``out`` if given)."""
-        return dequantize(self.as_subclass(torch.Tensor), self.qtype, self.logical_shape, dtype, out=out)
+        """The weight as an ordinary tensor of ``dtype`` on this tensor's device (written into ``out`` if given),
+        with its context's workspace for the calling thread on the CPU and compiled kernels on CUDA."""
+        raw = self.as_subclass(torch.Tensor)
+        context = self.context
+        if context is None:
+            return dequantize(raw, self.qtype, self.logical_shape, dtype, out=out)
+        device = raw.device.type
+        return dequantize(raw, self.qtype, self.logical_shape, dtype, out=out,
+                          workspace=context.workspace() if device == "cpu" else None,
+                          fused=context.fused if device == "cuda" else None)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return (f"QuantizedTensor({self.qtype.name}, shape={list(self.logical_shape)}, "
                 f"{self.numel()} bytes, device={self.device})")
 
 
-# Reused CPU buffers for just-in-time weights, one per role: fresh memory costs page faults that take longer than
-# dequantizing (GPU allocators cache their blocks already).  A weight from here lives only for its own op.
-_scratch: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch_for(role: str, numel: int, like: torch.Tensor) -> torch.Tensor | None:
-    if like.device.type != "cpu":
-        return None
-    key = (role, like.device, like.dtype)
-    buffer = _scratch.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buffer[:numel]
-
-
-def _dense(tensor: torch.Tensor | None, like: torch.Tensor, scratch: str | None = None) -> torch.Tensor | None:
-    """A QuantizedTensor dequantized on ``like``'s device in its dtype (into the ``scratch`` role's reused buffer
-    when given: only for a weight used once, right away); anything else unchanged."""
-    if isinstance(tensor, QuantizedTensor):
-        out = _scratch_for(scratch, tensor.logical_shape.numel(), like) if scratch else None
-        return tensor.to(like.device).dequantize(like.dtype, out=out)
-    return tensor
+def _dense(tensor: torch.Tensor | None, like: torch.Tensor, role: str | None = None) -> torch.Tensor | None:
+    """A QuantizedTensor dequantized on ``like``'s device in its dtype (into the calling thread's reused ``role``
+    buffer of its context when given: only for a weight used once, right away, and never for autograd, which would
+    keep it); anything else unchanged."""
+    if not isinstance(tensor, QuantizedTensor):
+        return tensor
+    moved = tensor if tensor.device == like.device else tensor.to(like.device)
+    context = tensor.context
+    out = None
+    if context is not None and role is not None and not (like.requires_grad and torch.is_grad_enabled()):
+        out = context.buffer(role, tensor.logical_shape.numel(), like)
+    return moved.dequantize(like.dtype, out=out)
 
 
 def _lora_delta(deltas: Sequence[LoraDelta] | torch.Tensor, shape: torch.Size, device) -> torch.Tensor:
@@ -146,49 +218,73 @@ def _version(tensor: torch.Tensor) -> int | None:
 class _GGUFLayer:
     """Weight handling shared by every GGUFOps layer: just-in-time dequantization, caches, LoRA merging."""
 
-    cache_dequantized: bool = False
+    cache_dequantized: bool | None = None  # None: the weight's ``keep_dense``
     _lora: Sequence[LoraDelta] | torch.Tensor | None = None
-    _cached: torch.Tensor | None = None
-    _cache_key: tuple | None = None
+    _cache: tuple[tuple, torch.Tensor] | None = None  # (key, dense weight): one attribute, replaced atomically
 
     def set_lora(self, deltas: Sequence[LoraDelta] | torch.Tensor | None) -> None:
         """Use ``weight + sum(scale * up @ down)`` (or ``weight + delta``); merged once, on the next call."""
         self._lora = deltas if deltas is None or isinstance(deltas, torch.Tensor) else list(deltas)
-        self._drop_cache()
+        self._cache = None
 
-    def set_dequant_cache(self, enabled: bool) -> None:
-        """Keep the dequantized weight between calls (for layers that see one vector per step)."""
-        self.cache_dequantized = bool(enabled)
-        self._drop_cache()
+    def set_dequant_cache(self, enabled: bool | None) -> None:
+        """Keep the dequantized weight between calls (for layers that see one vector per step); None: the
+        weight's default (``keep_dense``)."""
+        self.cache_dequantized = enabled
+        self._cache = None
 
-    def _drop_cache(self) -> None:
-        self._cached, self._cache_key = None, None
+    def keeps_dequantized(self) -> bool:
+        """Whether a quantized weight is dequantized once and kept (without LoRA: with one, the merge is kept)."""
+        weight = getattr(self, "weight", None)
+        if not isinstance(weight, QuantizedTensor):
+            return False
+        return weight.keep_dense if self.cache_dequantized is None else self.cache_dequantized
+
+    @property
+    def cached_weight(self) -> torch.Tensor | None:
+        """The dense weight held now (dequant-once or LoRA cache), if any."""
+        cache = self._cache
+        return None if cache is None else cache[1]
 
     def cached_bytes(self) -> int:
-        return 0 if self._cached is None else self._cached.numel() * self._cached.element_size()
+        """Memory of the dense weight held now."""
+        cached = self.cached_weight
+        return 0 if cached is None else cached.numel() * cached.element_size()
+
+    def planned_cache_bytes(self, dtype: torch.dtype) -> int:
+        """What the dequant-once cache holds in ``dtype`` once the layer has run (0 when it is off or LoRA-merged)."""
+        if self._lora is not None or not self.keeps_dequantized():
+            return 0
+        return self.weight.logical_shape.numel() * dtype.itemsize
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # moved or converted: the dense copy is stale (and may pin memory on another device)
+        return super()._apply(fn, recurse)
 
     def _weight(self, like: torch.Tensor) -> torch.Tensor | None:
         weight = self.weight
         if weight is None:
             return None
         quantized = isinstance(weight, QuantizedTensor)
-        if self._lora is None and not (quantized and self.cache_dequantized):
-            return _dense(weight, like, scratch="weight") if quantized else cast_weight(self, like)
+        if self._lora is None and not (quantized and self.keeps_dequantized() and weight.device == like.device):
+            return _dense(weight, like, role="weight") if quantized else cast_weight(self, like)
         key = (id(weight), _version(weight), like.dtype, like.device)
-        if self._cache_key != key:
-            self._cached = None  # free the old cache before building the new one
-            if self._lora is None:
-                dense = _dense(weight, like)
-            else:
-                base = weight.to(like.device).dequantize(torch.float32) if quantized else \
-                    cast_weight(self, torch.empty(0, dtype=torch.float32, device=like.device))
-                dense = (base + _lora_delta(self._lora, base.shape, like.device)).to(like.dtype)
-            self._cached, self._cache_key = dense, key
-        return self._cached
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        self._cache = None  # free the old copy before building the new one
+        if self._lora is None:
+            dense = _dense(weight, like)
+        else:
+            base = _dense(weight, torch.empty(0, device=like.device)) if quantized else \
+                cast_weight(self, torch.empty(0, dtype=torch.float32, device=like.device))
+            dense = (base + _lora_delta(self._lora, base.shape, like.device)).to(like.dtype)
+        self._cache = (key, dense)
+        return dense
 
     def _bias(self, like: torch.Tensor) -> torch.Tensor | None:
         bias = getattr(self, "bias", None)
-        return _dense(bias, like, scratch="bias") if isinstance(bias, QuantizedTensor) else cast_bias(self, like)
+        return _dense(bias, like, role="bias") if isinstance(bias, QuantizedTensor) else cast_bias(self, like)
 
 
 class GGUFOps:
@@ -221,7 +317,7 @@ class GGUFOps:
     class Embedding(_GGUFLayer, CastOps.Embedding):
         def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
             weight = self.weight
-            if not isinstance(weight, QuantizedTensor) or self._lora is not None or self.cache_dequantized:
+            if not isinstance(weight, QuantizedTensor) or self._lora is not None or self.keeps_dequantized():
                 if isinstance(weight, QuantizedTensor) or self._lora is not None:
                     like = torch.empty(0, dtype=out_dtype or torch.float32, device=ids.device)
                     return F.embedding(ids, self._weight(like), self.padding_idx)
@@ -229,8 +325,8 @@ class GGUFOps:
             # Rows of packed blocks are independent: gather only the rows asked for, then dequantize them.
             rows = weight.as_subclass(torch.Tensor)[ids.to(weight.device).reshape(-1)]
             dim = weight.logical_shape[-1]
-            values = dequantize(rows, weight.qtype, (rows.shape[0], dim), out_dtype or torch.float32)
-            return values.reshape(*ids.shape, dim).to(ids.device)
+            packed = QuantizedTensor.wrap(rows, weight.qtype, (rows.shape[0], dim), weight.context)
+            return packed.dequantize(out_dtype or torch.float32).reshape(*ids.shape, dim).to(ids.device)
 
 
 def _matches(name: str, suffixes: Sequence[str]) -> bool:
@@ -241,11 +337,12 @@ def _gguf_layers(model: nn.Module) -> Iterable[tuple[str, _GGUFLayer]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, _GGUFLayer))
 
 
-def enable_dequant_cache(model: nn.Module, enabled: bool = True,
-                         layers: Sequence[str] = MODULATION_LAYERS) -> int:
+def enable_dequant_cache(model: nn.Module, enabled: bool | None = True,
+                         layers: Sequence[str] = ONE_VECTOR_LAYERS) -> int:
     """Switch the dequant-once cache on layers whose name ends with one of ``layers``; returns how many.
 
-    The cost is the dense weights held (in the compute dtype) once the layers have run: see :func:`memory_report`.
+    ``enabled=None`` returns them to their weights' default (``keep_dense``).  The cost is the dense weights held
+    (in the compute dtype) once the layers have run: see :func:`memory_report`.
     """
     count = 0
     for name, layer in _gguf_layers(model):
@@ -262,7 +359,8 @@ class MemoryReport:
     quantized_bytes: int
     dequant_cache_bytes: int
     lora_cache_bytes: int
-    modulation_cache_cost: int
+    one_vector_cache_cost: int
+    dequant_cache_planned: int
 
     @property
     def extra_bytes(self) -> int:
@@ -271,17 +369,18 @@ class MemoryReport:
 
 
 def memory_report(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> MemoryReport:
-    """What the quantized weights and the caches hold now; ``modulation_cache_cost`` is what enabling the
-    modulation cache costs in ``dtype`` (dense ``img_mod.1`` / ``txt_mod.1`` weights with packed ones)."""
+    """What the quantized weights and the caches hold now; ``one_vector_cache_cost`` is what caching every
+    quantized :data:`ONE_VECTOR_LAYERS` weight costs in ``dtype``, ``dequant_cache_planned`` what the dequant-once
+    caches that are on hold in ``dtype`` once every layer has run."""
     quantized = sum(p.numel() for p in model.parameters() if isinstance(p, QuantizedTensor))
-    dequant_cache = lora_cache = modulation = 0
-    element = torch.empty(0, dtype=dtype).element_size()
+    dequant_cache = lora_cache = one_vector = planned = 0
     for name, layer in _gguf_layers(model):
         if layer._lora is not None:
             lora_cache += layer.cached_bytes()
         else:
             dequant_cache += layer.cached_bytes()
+        planned += layer.planned_cache_bytes(dtype)
         weight = getattr(layer, "weight", None)
-        if isinstance(weight, QuantizedTensor) and _matches(name, MODULATION_LAYERS):
-            modulation += weight.logical_shape.numel() * element
-    return MemoryReport(quantized, dequant_cache, lora_cache, modulation)
+        if isinstance(weight, QuantizedTensor) and _matches(name, ONE_VECTOR_LAYERS):
+            one_vector += weight.logical_shape.numel() * dtype.itemsize
+    return MemoryReport(quantized, dequant_cache, lora_cache, one_vector, planned)

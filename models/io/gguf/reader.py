@@ -4,7 +4,8 @@ Only the header (metadata and tensor table) is parsed when a file is opened; ten
 map and is handed out as zero-copy ``torch.uint8`` views on access, so opening a 13 GB file costs a few
 milliseconds and a few megabytes.  Every count, length and offset read from the file is checked against the
 bytes that remain *before* anything is allocated or looped over, so a hostile or truncated file fails fast with
-:class:`GGUFError` (a :class:`ValueError`) naming the file, the key or tensor, and the problem.
+:class:`GGUFError` (a :class:`ValueError`) naming the file, the key or tensor, and the problem; a file of full size
+whose end was never downloaded (zero bytes) is refused too (:mod:`models.io.integrity`).
 
 Layout (little-endian, versions 2 and 3)::
 
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..weights import WeightFileError
+from ..errors import WeightFileError
+from ..integrity import refuse_zero_filled_tail
 
 __all__ = ["GGUFError", "GGMLType", "GGUFValueType", "GGUFTensorInfo", "GGUFReader", "StringArray",
            "QUANT_BLOCKS", "DEFAULT_ALIGNMENT", "quantized_nbytes"]
@@ -357,6 +359,8 @@ class GGUFReader:
             if previous is not None and info.offset < previous.offset + previous.nbytes:
                 self._fail(f"tensor '{info.name}'", f"overlaps tensor '{previous.name}'")
             previous = info
+        refuse_zero_filled_tail(self.path, self.file_size,
+                                ((t.name, t.offset, t.offset + t.nbytes) for t in self.tensors.values()), GGUFError)
 
     # -- access ------------------------------------------------------------------------------------------------
     @property

@@ -72,7 +72,7 @@ def _encode_value(value: Any, vtype: GGUFValueType, element_type: GGUFValueType 
         element_type = _NUMPY_TYPES.get(value.dtype)
     if element_type is None:
         element_type = _infer_type(value[0]) if len(value) else GGUFValueType.UINT32
-        if element_type in (GGUFValueType.UINT32, GGUFValueType.INT32):  # one type must fit every element
+        if element_type in (GGUFValueType.UINT32, GGUFValueType.INT32) and len(value):  # one type fits every one
             ints = [int(v) for v in value]
             element_type = GGUFValueType.INT32 if min(ints) < 0 else GGUFValueType.UINT32
             if max(ints) >= 1 << 31 and min(ints) < 0 or max(ints) >= 1 << 32:
