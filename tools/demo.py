@@ -13,6 +13,7 @@ such as prompt, seed, steps, or a loader's file name) before the graph is queued
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -42,7 +43,10 @@ def _tiny_models(seed: int) -> Path:
     """The built-in tiny checkpoints, generated once into the cache (deterministic from the seed)."""
     from tiny_models.factory import make_all
 
-    folder = env.cache_dir() / f"tiny-models-seed{seed}"
+    # Keyed by the factory's source too: a newer pack writes more (or other) files than an older cache holds.
+    sources = sorted((Path(__file__).resolve().parent / "tiny_models").glob("*.py"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
+    folder = env.cache_dir() / f"tiny-models-seed{seed}-{digest}"
     if not (folder / ".complete").is_file():
         tokenizer = env.comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"  # for the GGUF encoder
         make_all(folder, seed=seed, tokenizer_dir=tokenizer)
