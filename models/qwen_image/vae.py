@@ -35,7 +35,7 @@ from torch import nn
 
 from ..common.attention import Options, attention
 from ..common.ops import CastOps
-from ..common.tiling import available_memory, plan_tiles, run_tiled
+from ..common.tiled_vae import TiledVAE
 from ..io.loading import materialize, open_weights
 from ..io.weights import WeightFileError
 from ..registry import identify
@@ -62,11 +62,9 @@ MIN_ENCODE_TILE = 128
 # 2.9 (latent stage included) for decode at 1328 and 2048 px and encode at 2048 px (fp32, CPU); 4 leaves headroom
 # (a CPU process that overshoots is killed, it gets no exception to fall back on).
 _ACTIVATION_BYTES_FACTOR = 4.0
-_MEMORY_SAFETY = 0.85
 # Attention scores of one query chunk are kept under this many elements (bounded memory whatever the backend).
 _ATTENTION_SCORE_ELEMENTS = 1 << 28
 
-Progress = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +294,7 @@ class Decoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # The VAE
 # ---------------------------------------------------------------------------------------------------------------
-class QwenImageVAE(nn.Module):
+class QwenImageVAE(TiledVAE):
     """Qwen-Image / Wan 2.1 VAE for single images.  Parameters carry the original Wan names.
 
     ``dtype`` is the compute dtype (inputs are cast to it; ``ops`` layers cast their weights to it, so weights may
@@ -304,6 +302,11 @@ class QwenImageVAE(nn.Module):
     tiling; by default the device's free memory (CUDA) or available RAM (CPU).  ``image_channels``: 3 (RGB), or 4
     for the Qwen-Image-Layered RGBA VAE.
     """
+
+    spatial_factor = SPATIAL_FACTOR
+    encode_min_overlap, decode_min_overlap = ENCODE_MIN_OVERLAP, DECODE_MIN_OVERLAP
+    default_encode_tile, default_decode_tile = DEFAULT_ENCODE_TILE, DEFAULT_DECODE_TILE
+    min_encode_tile, min_decode_tile = MIN_ENCODE_TILE, MIN_DECODE_TILE
 
     def __init__(self, base_dim: int = 96, z_dim: int = 16, dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
                  temporal_downsample=(False, True, True), ops=None, device=None, dtype=None, image_channels: int = 3):
@@ -325,11 +328,6 @@ class QwenImageVAE(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.conv2.weight.device
-
-    def _budget(self, device: torch.device) -> int:
-        if self.memory_budget is not None:
-            return self.memory_budget(device)
-        return int(available_memory(device) * _MEMORY_SAFETY)
 
     # -- latent normalisation ----------------------------------------------------------------------------------
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -361,160 +359,26 @@ class QwenImageVAE(nn.Module):
         """Peak activation bytes of an untiled encode of ``batch`` images of ``height`` x ``width`` pixels."""
         return self._estimate_bytes(batch, height, width)
 
-    # -- encode ------------------------------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None, progress: Progress | None = None,
-               options: Options | None = None) -> torch.Tensor:
-        """Images [B, H, W, C>=3] in 0..1 (H, W multiples of 8) -> raw latent mean [B, 16, H/8, W/8] (float32).
-
-        ``tiled``: ``None`` tiles only when the untiled call would not fit (or runs out of memory), ``True`` /
-        ``False`` force it.  ``tile_size`` / ``tile_overlap`` in pixels (multiples of 8; default 512 / 72):
-        core size of a tile and the context it sees on every side; the overlap is raised to the receptive field
-        (72 px), which makes tiled and untiled results equal.  ``progress(done, total)`` is called per tile (or
-        per batch chunk when untiled).  ``options``: run options for the attention (see
-        :mod:`models.common.attention`).
-        """
-        if images.ndim != 4 or images.shape[-1] < 3:
-            raise ValueError(f"images must be [B, H, W, 3] (got shape {tuple(images.shape)}).")
-        batch, height, width = images.shape[:3]
-        if batch == 0 or height < SPATIAL_FACTOR or width < SPATIAL_FACTOR:
-            raise ValueError(f"VAE encode needs at least one image of at least {SPATIAL_FACTOR}x{SPATIAL_FACTOR} "
-                             f"pixels, got {batch} of {width}x{height}; scale the image up first.")
-        if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
-            raise ValueError(f"image size {width}x{height} is not a multiple of {SPATIAL_FACTOR} in both sides.")
-        tile = _round_up(tile_size or DEFAULT_ENCODE_TILE, SPATIAL_FACTOR)
-        overlap = max(ENCODE_MIN_OVERLAP, _round_up(tile_overlap or 0, SPATIAL_FACTOR))
-        with torch.no_grad():
-            x = self._channels(images).to(device=self.device, dtype=self.dtype).permute(0, 3, 1, 2)
-            x = (x * 2 - 1).contiguous(memory_format=torch.channels_last)
-            z = self._dispatch(
-                x, tiled, tile, MIN_ENCODE_TILE, SPATIAL_FACTOR, progress,
-                estimate=lambda n: self.estimate_encode_bytes(n, height, width),
-                untiled=lambda image: self._mean(self.encoder.finish(self.encoder.local_features(image), options)),
-                tiled_fn=lambda image, size, step: self._encode_tiled(image, size, overlap, step, options))
-        return z.float().contiguous()
-
+    # -- the network's parts, for the tiled front ends of TiledVAE ---------------------------------------------
     def _channels(self, images: torch.Tensor) -> torch.Tensor:
         """The image channels this VAE encodes: RGB, or RGBA (an RGB image gets an opaque alpha channel)."""
+        if images.ndim != 4 or images.shape[-1] < 3:
+            raise ValueError(f"images must be [B, H, W, 3] (got shape {tuple(images.shape)}).")
         if self.image_channels == 4 and images.shape[-1] == 3:
             return torch.cat([images, torch.ones_like(images[..., :1])], dim=-1)
         return images[..., :self.image_channels]
 
-    def _encode_tiled(self, x: torch.Tensor, tile: int, overlap: int, step: Callable[[], None],
-                      options: Options | None) -> torch.Tensor:
-        tiles = plan_tiles(x.shape[2], x.shape[3], tile, overlap, SPATIAL_FACTOR)
-        features = run_tiled(self.encoder.local_features, x, tiles, (1, SPATIAL_FACTOR), step)
-        return self._mean(self.encoder.finish(features, options))
+    def _encode_local(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.local_features(x)
 
-    def _mean(self, moments: torch.Tensor) -> torch.Tensor:
-        return self.conv1(moments)[:, :self.z_dim]
+    def _encode_finish(self, features: torch.Tensor, options: Options | None) -> torch.Tensor:
+        return self.conv1(self.encoder.finish(features, options))[:, :self.z_dim]
 
-    # -- decode ------------------------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None, progress: Progress | None = None,
-               options: Options | None = None) -> torch.Tensor:
-        """Raw latents [B, 16, h, w] (or [B, 16, 1, h, w]) -> images [B, 8h, 8w, 3 or 4] in 0..1 (float32).
+    def _decode_trunk(self, z: torch.Tensor, options: Options | None) -> torch.Tensor:
+        return self.decoder.trunk(self.conv2(z), options)
 
-        ``tiled`` as in :meth:`encode`; ``tile_size`` / ``tile_overlap`` in latent units (default 64 / 13); the
-        overlap is raised to the receptive field (13), which makes tiled and untiled results equal.
-        """
-        if z.ndim == 5:
-            if z.shape[2] != 1:
-                raise ValueError(f"expected image latents (one frame), got {z.shape[2]} frames.")
-            z = z[:, :, 0]
-        if z.ndim != 4 or z.shape[1] != self.z_dim:
-            raise ValueError(f"latents must be [B, {self.z_dim}, h, w] (got shape {tuple(z.shape)}).")
-        batch, _, height, width = z.shape
-        if 0 in z.shape:
-            raise ValueError(f"VAE decode got an empty latent batch (shape {tuple(z.shape)}).")
-        tile = tile_size or DEFAULT_DECODE_TILE
-        overlap = max(DECODE_MIN_OVERLAP, tile_overlap or 0)
-        with torch.no_grad():
-            z = z.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
-            x = self._dispatch(
-                z, tiled, tile, MIN_DECODE_TILE, 1, progress,
-                estimate=lambda n: self.estimate_decode_bytes(n, height * SPATIAL_FACTOR, width * SPATIAL_FACTOR),
-                untiled=lambda latents: self.decoder.tail(self.decoder.trunk(self.conv2(latents), options)),
-                tiled_fn=lambda latents, size, step: self._decode_tiled(latents, size, overlap, step, options))
-            x = x.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)
-        return x.permute(0, 2, 3, 1).float().contiguous()
-
-    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int, step: Callable[[], None],
-                      options: Options | None) -> torch.Tensor:
-        features = self.decoder.trunk(self.conv2(z), options)
-        tiles = plan_tiles(z.shape[2], z.shape[3], tile, overlap)
-        return run_tiled(self.decoder.tail, features, tiles, (SPATIAL_FACTOR, 1), step)
-
-    # -- tiling policy -----------------------------------------------------------------------------------------
-    def _dispatch(self, x: torch.Tensor, tiled: bool | None, tile: int, min_tile: int, align: int,
-                  progress: Progress | None, *,
-                  estimate: Callable[[int], int], untiled: Callable[[torch.Tensor], torch.Tensor],
-                  tiled_fn: Callable[[torch.Tensor, int, Callable[[], None]], torch.Tensor]) -> torch.Tensor:
-        """Run ``untiled`` on batch chunks that fit the memory budget, else ``tiled_fn`` image by image.
-
-        Out of memory untiled falls back to tiling; out of memory tiled halves the tile size (down to
-        ``min_tile``, keeping multiples of ``align``) and starts over.
-        """
-        batch = x.shape[0]
-        if tiled is not True:
-            per_call = batch
-            if tiled is None:
-                budget = self._budget(x.device)
-                per_call = batch if estimate(batch) <= budget else (1 if estimate(1) <= budget else 0)
-            if per_call:
-                try:
-                    return _in_chunks(untiled, x, per_call, progress)
-                except RuntimeError as error:
-                    if tiled is False or not _is_out_of_memory(error):
-                        raise
-                _release_cached_memory(x.device)
-        while True:
-            try:
-                return self._tiled_batch(x, tile, tiled_fn, progress)
-            except RuntimeError as error:
-                if tile // 2 < min_tile or not _is_out_of_memory(error):
-                    raise
-            _release_cached_memory(x.device)
-            tile = _round_up(tile // 2, align)
-
-    @staticmethod
-    def _tiled_batch(x: torch.Tensor, tile: int, tiled_fn, progress: Progress | None) -> torch.Tensor:
-        """Tile each image of the batch; ``progress`` counts tiles over the whole batch."""
-        per_image = len(plan_tiles(x.shape[2], x.shape[3], tile, 0))
-        total, done = per_image * x.shape[0], 0
-
-        def step() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
-        return torch.cat([tiled_fn(x[i:i + 1], tile, step) for i in range(x.shape[0])])
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int,
-               progress: Progress | None) -> torch.Tensor:
-    chunks = x.split(size)
-    outputs = []
-    for index, chunk in enumerate(chunks):
-        outputs.append(fn(chunk))
-        if progress is not None:
-            progress(index + 1, len(chunks))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-
-def _is_out_of_memory(error: RuntimeError) -> bool:
-    """torch.OutOfMemoryError (CUDA and other accelerators), or the CPU allocator's plain RuntimeError."""
-    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
-
-
-def _release_cached_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    def _decode_tail(self, features: torch.Tensor) -> torch.Tensor:
+        return self.decoder.tail(features)
 
 
 # ---------------------------------------------------------------------------------------------------------------

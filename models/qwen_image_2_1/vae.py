@@ -40,10 +40,10 @@ from torch import nn
 
 from ..common.attention import Options
 from ..common.ops import CastOps
-from ..common.tiling import plan_tiles, run_tiled
+from ..common.tiled_vae import TiledVAE
 from ..io.loading import materialize, open_weights
 from ..io.weights import WeightFileError, tensor_dtype, tensor_shape
-from ..qwen_image.vae import AttentionBlock, Progress, QwenImageVAE, RMSNorm, _layer_classes, _round_up
+from ..qwen_image.vae import AttentionBlock, RMSNorm, _layer_classes
 from ..registry import identify, refusal
 from .latent import QWEN_IMAGE_2_1_LATENT
 from .vae_keys import diffusers_to_comfy
@@ -266,7 +266,7 @@ class Decoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # The VAE
 # ---------------------------------------------------------------------------------------------------------------
-class QwenImage21VAE(nn.Module):
+class QwenImage21VAE(TiledVAE):
     """Qwen-Image 2.1 VAE for single images, with diffusers parameter names.
 
     ``dtype`` is the compute dtype (inputs are cast to it; ``ops`` layers cast their weights to it, so weights may
@@ -274,6 +274,11 @@ class QwenImage21VAE(nn.Module):
     tiling; by default the device's free memory (CUDA) or available RAM (CPU).  ``temporal_downsample``: which
     encoder levels halved time in the video design (it decides the shortcuts; the decoder mirrors it).
     """
+
+    spatial_factor = SPATIAL_FACTOR
+    encode_min_overlap, decode_min_overlap = ENCODE_MIN_OVERLAP, DECODE_MIN_OVERLAP
+    default_encode_tile, default_decode_tile = DEFAULT_ENCODE_TILE, DEFAULT_DECODE_TILE
+    min_encode_tile, min_decode_tile = MIN_ENCODE_TILE, MIN_DECODE_TILE
 
     def __init__(self, base_dim: int = 96, decoder_base_dim: int = 144, z_dim: int = 64,
                  dim_mult=(1, 2, 4, 8, 8), num_res_blocks: int = 2, temporal_downsample=(False, True, True, True),
@@ -291,11 +296,6 @@ class QwenImage21VAE(nn.Module):
         self.decoder = Decoder(decoder_base_dim, z_dim, dim_mult, num_res_blocks, tuple(temporal_downsample)[::-1],
                                image_channels, ops, **factory)
         self.memory_budget: Callable[[torch.device], int] | None = None
-
-    # The run policy (memory budget, untiled batch chunks, tiles, out-of-memory fallback) is the 1.x VAE's.
-    _budget = QwenImageVAE._budget
-    _dispatch = QwenImageVAE._dispatch
-    _tiled_batch = staticmethod(QwenImageVAE._tiled_batch)
 
     @property
     def device(self) -> torch.device:
@@ -325,85 +325,26 @@ class QwenImage21VAE(nn.Module):
         """Peak activation bytes of an untiled encode of ``batch`` images of ``height`` x ``width`` pixels."""
         return self._estimate_bytes(batch, height, width, _ENCODE_BYTES_FACTOR * self.base_dim)
 
-    # -- encode ------------------------------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None, progress: Progress | None = None,
-               options: Options | None = None) -> torch.Tensor:
-        """Images [B, H, W, 3 or 4] in 0..1 (H, W multiples of 16; RGB gets an opaque alpha) -> raw latent mean
-        [B, 64, H/16, W/16] (float32).
-
-        ``tiled``: ``None`` tiles only when the untiled call would not fit (or runs out of memory), ``True`` /
-        ``False`` force it.  ``tile_size`` / ``tile_overlap`` in pixels (multiples of 16; default 512 / 80): core
-        size of a tile and the context it sees on every side; the overlap is raised to the receptive field (80 px),
-        which makes tiled and untiled results equal.  ``progress(done, total)`` is called per tile (or per batch
-        chunk when untiled).  ``options``: run options for the attention (see :mod:`models.common.attention`).
-        """
+    # -- the network's parts, for the tiled front ends of TiledVAE ---------------------------------------------
+    def _channels(self, images: torch.Tensor) -> torch.Tensor:
+        """RGBA as the VAE takes it: an RGB image gets an opaque alpha channel."""
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"images must be [B, H, W, 3 or 4] (got shape {tuple(images.shape)}).")
-        batch, height, width = images.shape[:3]
-        if batch == 0 or height < SPATIAL_FACTOR or width < SPATIAL_FACTOR:
-            raise ValueError(f"VAE encode needs at least one image of at least {SPATIAL_FACTOR}x{SPATIAL_FACTOR} "
-                             f"pixels, got {batch} of {width}x{height}; scale the image up first.")
-        if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
-            raise ValueError(f"image size {width}x{height} is not a multiple of {SPATIAL_FACTOR} in both sides.")
-        tile = _round_up(tile_size or DEFAULT_ENCODE_TILE, SPATIAL_FACTOR)
-        overlap = max(ENCODE_MIN_OVERLAP, _round_up(tile_overlap or 0, SPATIAL_FACTOR))
         if images.shape[-1] == 3:
-            images = torch.cat([images, torch.ones_like(images[..., :1])], dim=-1)
-        with torch.no_grad():
-            x = images.to(device=self.device, dtype=self.dtype).permute(0, 3, 1, 2)
-            x = (x * 2 - 1).contiguous(memory_format=torch.channels_last)
-            z = self._dispatch(
-                x, tiled, tile, MIN_ENCODE_TILE, SPATIAL_FACTOR, progress,
-                estimate=lambda n: self.estimate_encode_bytes(n, height, width),
-                untiled=lambda image: self._mean(self.encoder.finish(self.encoder.local_features(image), options)),
-                tiled_fn=lambda image, size, step: self._encode_tiled(image, size, overlap, step, options))
-        return z.float().contiguous()
+            return torch.cat([images, torch.ones_like(images[..., :1])], dim=-1)
+        return images
 
-    def _encode_tiled(self, x: torch.Tensor, tile: int, overlap: int, step: Callable[[], None],
-                      options: Options | None) -> torch.Tensor:
-        tiles = plan_tiles(x.shape[2], x.shape[3], tile, overlap, SPATIAL_FACTOR)
-        features = run_tiled(self.encoder.local_features, x, tiles, (1, SPATIAL_FACTOR), step)
-        return self._mean(self.encoder.finish(features, options))
+    def _encode_local(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.local_features(x)
 
-    def _mean(self, moments: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(moments)[:, :self.z_dim]
+    def _encode_finish(self, features: torch.Tensor, options: Options | None) -> torch.Tensor:
+        return self.quant_conv(self.encoder.finish(features, options))[:, :self.z_dim]
 
-    # -- decode ------------------------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor, *, tiled: bool | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None, progress: Progress | None = None,
-               options: Options | None = None) -> torch.Tensor:
-        """Raw latents [B, 64, h, w] (or [B, 64, 1, h, w]) -> RGBA images [B, 16h, 16w, 4] in 0..1 (float32).
+    def _decode_trunk(self, z: torch.Tensor, options: Options | None) -> torch.Tensor:
+        return self.decoder.trunk(self.post_quant_conv(z), options)
 
-        ``tiled`` as in :meth:`encode`; ``tile_size`` / ``tile_overlap`` in latent cells (default 32 / 13); the
-        overlap is raised to the receptive field (13), which makes tiled and untiled results equal.
-        """
-        if z.ndim == 5:
-            if z.shape[2] != 1:
-                raise ValueError(f"expected image latents (one frame), got {z.shape[2]} frames.")
-            z = z[:, :, 0]
-        if z.ndim != 4 or z.shape[1] != self.z_dim:
-            raise ValueError(f"latents must be [B, {self.z_dim}, h, w] (got shape {tuple(z.shape)}).")
-        if 0 in z.shape:
-            raise ValueError(f"VAE decode got an empty latent batch (shape {tuple(z.shape)}).")
-        height, width = z.shape[2] * SPATIAL_FACTOR, z.shape[3] * SPATIAL_FACTOR
-        tile = tile_size or DEFAULT_DECODE_TILE
-        overlap = max(DECODE_MIN_OVERLAP, tile_overlap or 0)
-        with torch.no_grad():
-            z = z.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
-            x = self._dispatch(
-                z, tiled, tile, MIN_DECODE_TILE, 1, progress,
-                estimate=lambda n: self.estimate_decode_bytes(n, height, width),
-                untiled=lambda latents: self.decoder.tail(self.decoder.trunk(self.post_quant_conv(latents), options)),
-                tiled_fn=lambda latents, size, step: self._decode_tiled(latents, size, overlap, step, options))
-            x = x.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)
-        return x.permute(0, 2, 3, 1).float().contiguous()
-
-    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int, step: Callable[[], None],
-                      options: Options | None) -> torch.Tensor:
-        features = self.decoder.trunk(self.post_quant_conv(z), options)
-        tiles = plan_tiles(z.shape[2], z.shape[3], tile, overlap)
-        return run_tiled(self.decoder.tail, features, tiles, (SPATIAL_FACTOR, 1), step)
+    def _decode_tail(self, features: torch.Tensor) -> torch.Tensor:
+        return self.decoder.tail(features)
 
 
 # ---------------------------------------------------------------------------------------------------------------
