@@ -5,14 +5,15 @@ This package never imports ComfyUI; layers are built from an injectable operatio
 attention call goes through :func:`models.common.attention.attention` so a host can supply its own kernel.
 
 Layout: ``io/`` (checkpoints: safetensors, GGUF), ``common/`` (ops, attention, latent specs, schedules,
-guidance, tiling, image sizing), ``encoders/`` (tokenizer, vision preprocessing, Qwen2.5-VL), one folder per
-model family (``qwen_image/``), and :mod:`models.registry`, which identifies any file.
+guidance, tiling, image sizing), ``encoders/`` (tokenizer, vision preprocessing, Qwen2.5-VL, Qwen3-VL), one folder
+per model family (``qwen_image/``, ``qwen_image_2_1/``), and :mod:`models.registry`, which identifies any file.
 
 The public API (imported lazily, so ``import models`` is cheap)::
 
     from models import identify, load, load_diffusion_model, load_vae, load_text_encoder
     identify("qwen_image_vae.safetensors")   # FileIdentity(family='qwen_image', role='vae', layout='comfy', ...)
-    dit = load_diffusion_model(path, dtype=torch.bfloat16)
+    dit = load_diffusion_model(path, dtype=torch.bfloat16)   # a QwenImageDiT or a QwenImage21DiT, by the file
+    vae = load_vae(path, family="qwen_image")                # pinned: a 2.1 VAE is refused, naming both families
     vae = load("qwen_image_vae.safetensors")  # any supported file, by what it is
 """
 
@@ -28,18 +29,21 @@ _EXPORTS = {
     "WeightFileError": ".io.weights",
     "FLOAT8_DTYPES": ".io.weights",
     "open_checkpoint": ".io.weights",
-    "load_diffusion_model": ".qwen_image.dit_loader",
-    "load_vae": ".qwen_image.vae",
-    "load_text_encoder": ".qwen_image.text_encoder",
+    # either family, by the file (family= pins one)
+    "load_diffusion_model": ".registry",
+    "load_vae": ".registry",
+    "load_text_encoder": ".registry",
+    "FAMILIES": ".registry",
+    # one family's loaders (the 2.1 ones are what the generic ones above dispatch to)
     "load_controlnet": ".qwen_image.controlnet",
     "load_blockwise_control": ".qwen_image.blockwise_control",
+    "load_diffusion_model_2_1": ".qwen_image_2_1.dit_loader",
+    "load_vae_2_1": ".qwen_image_2_1.vae",
+    "load_text_encoder_2_1": ".qwen_image_2_1.text_encoder",
     # LoRA files in any trainer's layout, normalised to a model's module names
     "normalize_lora": ".io.lora",
     "NormalizedLora": ".io.lora",
     "LoraReport": ".io.lora",
-    "load_diffusion_model_2_1": ".qwen_image_2_1.dit_loader",
-    "load_vae_2_1": ".qwen_image_2_1.vae",
-    "load_text_encoder_2_1": ".qwen_image_2_1.text_encoder",
     # model classes
     "QwenImageDiT": ".qwen_image.dit",
     "DiTConfig": ".qwen_image.dit",
@@ -75,6 +79,7 @@ _EXPORTS = {
     "policy_size": ".qwen_image.edit_geometry",
     "REFERENCE_AREA": ".qwen_image.edit_geometry",
     "EDIT_PLUS_VL_AREA": ".qwen_image.edit_geometry",
+    "lanczos_resize": ".qwen_image.edit_geometry",
     "LAYERED_RESOLUTIONS": ".qwen_image.layered",
     "DEFAULT_LAYERS": ".qwen_image.layered",
     "layered_size": ".qwen_image.layered",

@@ -7,6 +7,10 @@ loader, a DiffSynth patch in the ControlNet loader, an SDXL checkpoint in the VA
 families that the pack does not run yet (e.g. "a Qwen3-VL text encoder GGUF (Qwen-Image 2.1): not supported yet")
 are named as what they are.
 
+The public loaders :func:`load_diffusion_model`, :func:`load_vae` and :func:`load_text_encoder` load a file of
+either family with that family's loader (``family=`` pins one; the other family's files are then refused), and
+:func:`load` any supported file by what it is.
+
 Families: ``qwen_image`` (Qwen-Image 20B: T2I, 2512, Edit, Edit-2509/2511, Layered), ``qwen_image_2_1``, and the
 foreign ones we recognise to say so (``flux``, ``sd3``, ``sdxl``, ``sd1``, ``sd``, ``wan``, ``clip``, ``t5``,
 ``qwen3``, ``llm``, and ``qwen2.5``: a Qwen2.5(-VL) of another size than the 7B, e.g. the 3B).  Roles:
@@ -18,13 +22,30 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
+
+from .io.gguf.names import QWEN_IMAGE_2_1_ARCH, QWEN_IMAGE_ARCH
+from .io.loading import open_weights
 from .io.weights import WeightFileError, open_checkpoint, tensor_shape
 
-__all__ = ["FileIdentity", "identify", "expect", "refusal", "load", "COMFY_DIT_PREFIX", "VAE_PREFIXES"]
+if TYPE_CHECKING:
+    from .encoders.qwen25vl.encoder import TextEncoder
+    from .encoders.qwen3vl.encoder import Qwen3VLEncoder
+    from .encoders.tokenizer import QwenTokenizer
+    from .qwen_image.dit import QwenImageDiT
+    from .qwen_image.vae import QwenImageVAE
+    from .qwen_image_2_1.dit import QwenImage21DiT
+    from .qwen_image_2_1.vae import QwenImage21VAE
+
+__all__ = ["FileIdentity", "identify", "expect", "refusal", "load", "load_diffusion_model", "load_vae",
+           "load_text_encoder", "FAMILIES", "COMFY_DIT_PREFIX", "VAE_PREFIXES"]
+
+FAMILIES = ("qwen_image", "qwen_image_2_1")  # the families this pack runs
 
 COMFY_DIT_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("", "vae.", "first_stage_model.")
@@ -136,8 +157,12 @@ def _classify(h: _Header) -> FileIdentity:
 
 # -- rules, most specific first ------------------------------------------------------------------------------------
 def _gguf_arch(h: _Header) -> FileIdentity | None:
-    if h.arch is None or h.arch in ("", "qwen_image"):
-        return None  # Qwen-Image DiT GGUFs are told apart by their tensor names
+    if h.arch is None or h.arch in ("", QWEN_IMAGE_ARCH):
+        return None  # DiT GGUFs are told apart by their tensor names (2.1 files tagged qwen_image exist too)
+    if h.arch == QWEN_IMAGE_2_1_ARCH:
+        return _qwen_image_2_1_dit(h) or FileIdentity(
+            "qwen_image_2_1", "diffusion_model", "gguf",
+            description=f"a Qwen-Image 2.1 DiT GGUF ({QWEN_IMAGE_2_1_ARCH}) with tensor names this pack does not know")
     if h.arch in ("qwen2vl", "qwen2"):
         return FileIdentity("qwen_image", "text_encoder", "gguf", "qwen2.5-vl",
                             "a Qwen2.5-VL text encoder (llama.cpp GGUF)", supported=True)
@@ -316,8 +341,9 @@ def _video_vae(h: _Header, prefix: str) -> FileIdentity | None:
 
 
 def _vae_2_1(layout: str, prefix: str) -> FileIdentity:
-    return FileIdentity("qwen_image_2_1", "vae", layout, "rgba", "the Qwen-Image 2.1 VAE (64 latent channels, 16x, RGBA)",
-                        prefix, supported=True, advice=_ADVICE_2_1.format("VAE", "VAE"))
+    return FileIdentity("qwen_image_2_1", "vae", layout, "rgba",
+                        "the Qwen-Image 2.1 VAE (64 latent channels, 16x, RGBA)", prefix, supported=True,
+                        advice=_ADVICE_2_1.format("VAE", "VAE"))
 
 
 def _image_vae(h: _Header, prefix: str) -> FileIdentity:
@@ -401,12 +427,85 @@ def refusal(source: str, identity: FileIdentity, expected: str, required: tuple[
     return WeightFileError(message)
 
 
+# -- loading ---------------------------------------------------------------------------------------------------------
+# Where a diffusers pipeline folder keeps each role's weights.
+_PIPELINE_PARTS = {"diffusion_model": "transformer", "vae": "vae", "text_encoder": "text_encoder"}
+# The class each family's DiT loader builds: a ``model_class`` deriving from one pins that family.
+_DIT_CLASSES = {"qwen_image": ("qwen_image.dit", "QwenImageDiT"),
+                "qwen_image_2_1": ("qwen_image_2_1.dit", "QwenImage21DiT")}
+
+
+def _function(family: str, role: str) -> Callable:
+    module, name = _LOAD_FUNCTIONS[(family, role)]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def _loader_for(path: str | os.PathLike, role: str, family: str | None) -> Callable:
+    """The loader of ``role`` for ``path``: ``family``'s when the caller pins one (it refuses the other family's
+    files, naming both), else that of the family the file belongs to.  A file of neither family goes to the 1.x
+    loader; a loader refuses any file it cannot run, saying what the file is."""
+    if family is None:
+        # A GGUF is one file; a folder may be a whole pipeline holding the role's sub-folder.
+        source = path if Path(path).suffix.lower() == ".gguf" else open_weights(path, _PIPELINE_PARTS[role]).tensors
+        family = identify(source).family
+        family = family if family in FAMILIES else FAMILIES[0]
+    elif family not in FAMILIES:
+        raise ValueError(f"family {family!r}: expected one of {', '.join(FAMILIES)}.")
+    return _function(family, role)
+
+
+def _dit_family(model_class: type) -> str:
+    for family, (module, name) in _DIT_CLASSES.items():
+        if issubclass(model_class, getattr(importlib.import_module(f"{__package__}.{module}"), name)):
+            return family
+    raise TypeError(f"model_class {model_class.__name__} derives from none of the DiTs "
+                    f"({', '.join(name for _, name in _DIT_CLASSES.values())}).")
+
+
+def load_diffusion_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu", ops=None, model_class: type | None = None,
+                         family: str | None = None) -> QwenImageDiT | QwenImage21DiT:
+    """Load the DiT of either family from any layout its loader reads (single file, diffusers or pipeline folder,
+    ``.gguf``): a :class:`~models.qwen_image.dit.QwenImageDiT` for Qwen-Image 1.x, a
+    :class:`~models.qwen_image_2_1.dit.QwenImage21DiT` for 2.1 (same calling convention: latents ``[B, C, H, W]``,
+    condition latents as a list).
+
+    ``family`` (``"qwen_image"`` / ``"qwen_image_2_1"``), or a ``model_class`` deriving from one family's DiT, pins
+    the family: a file of the other one is then refused naming both.  ``dtype``, ``device``, ``ops``: as in
+    :func:`models.qwen_image.dit_loader.load_diffusion_model`.
+    """
+    if model_class is not None:
+        pinned = _dit_family(model_class)
+        if family not in (None, pinned):
+            raise ValueError(f"model_class {model_class.__name__} builds a {pinned} DiT, not a {family} one.")
+        family = pinned
+    extra = {} if model_class is None else {"model_class": model_class}
+    return _loader_for(path, "diffusion_model", family)(path, dtype=dtype, device=device, ops=ops, **extra)
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, device: str | torch.device = "cpu",
+             ops=None, family: str | None = None) -> QwenImageVAE | QwenImage21VAE:
+    """Load the VAE of either family (Comfy-Org single file or diffusers ``vae`` / pipeline folder): the Qwen-Image
+    VAE (RGB or Layered RGBA) or the Qwen-Image 2.1 VAE.  ``family`` pins the family, as in
+    :func:`load_diffusion_model`."""
+    return _loader_for(path, "vae", family)(path, dtype, device=device, ops=ops)
+
+
+def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | QwenTokenizer | None = None,
+                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", ops=None,
+                      host_tokenizer_dirs: Iterable[str | os.PathLike] = (),
+                      family: str | None = None) -> TextEncoder | Qwen3VLEncoder:
+    """Load the condition encoder of either family with its templates: Qwen2.5-VL for Qwen-Image 1.x (templates
+    ``t2i``, ``edit``, ``edit_plus``), Qwen3-VL for 2.1 (template ``default``).  ``family`` pins the family, as in
+    :func:`load_diffusion_model`; the other arguments are those of the family loaders."""
+    return _loader_for(path, "text_encoder", family)(path, tokenizer=tokenizer, dtype=dtype, device=device, ops=ops,
+                                                       host_tokenizer_dirs=host_tokenizer_dirs)
+
+
 def load(path: str | os.PathLike, **kwargs):
     """Load any file the pack runs with the loader for what it is (``kwargs`` go to that loader: ``dtype``,
     ``device``, ``ops`` ...); refuses other files naming what they are."""
     identity = identify(path)
-    target = _LOAD_FUNCTIONS.get((identity.family, identity.role)) if identity.supported else None
-    if target is None:
+    if not (identity.supported and (identity.family, identity.role) in _LOAD_FUNCTIONS):
         raise refusal(str(path), identity, "a file this pack can load")
-    module = importlib.import_module(f"{__package__}.{target[0]}")
-    return getattr(module, target[1])(path, **kwargs)
+    return _function(identity.family, identity.role)(path, **kwargs)

@@ -21,6 +21,9 @@ from .host.ops import compute_dtype, host_ops, set_gguf_dequant_cache
 
 logger = logging.getLogger("qwen_image")
 ZERO_COND = {"auto (from the file)": None, "on (Edit-2511)": True, "off": False}
+# These nodes wrap 1.x models: the library's loaders then refuse a 2.1 file, naming both families (the DiT loader is
+# pinned by its model_class).
+FAMILY = "qwen_image"
 
 
 class DiffusionModelLoader:
@@ -91,7 +94,8 @@ class TextEncoderLoader:
         compute = compute_dtype(weight_dtype, load_device)
         with chosen_file("text_encoders", "text_encoder_name", text_encoder_name) as path:
             encoder = load_text_encoder(path, dtype=compute, device=mm.text_encoder_offload_device(),
-                                        ops=host_ops(path, compute)[0], host_tokenizer_dirs=[host_tokenizer_dir()])
+                                        ops=host_ops(path, compute)[0], host_tokenizer_dirs=[host_tokenizer_dir()],
+                                        family=FAMILY)
         logger.info("Qwen-Image text encoder: %s (%s, vision tower: %s)", text_encoder_name, compute,
                     "yes" if encoder.has_vision else "no")
         return (HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device(), text_encoder_name),)
@@ -117,7 +121,8 @@ class VAELoader:
     def load(self, vae_name: str, weight_dtype: str):
         compute = compute_dtype(weight_dtype, mm.vae_device())
         with chosen_file("vae", "vae_name", vae_name) as path:
-            vae = load_vae(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init)
+            vae = load_vae(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init,
+                           family=FAMILY)
         return (HostVAE(vae),)
 
 

@@ -198,9 +198,9 @@ def test_in_memory_mapping_and_path_agree(root):
 
 # -- every loader's wrong-file message is the registry's -----------------------------------------------------------
 LOADERS = {
-    "dit": lambda p: load_diffusion_model(p),
-    "vae": lambda p: load_vae(p),
-    "text_encoder": lambda p: load_text_encoder(p, tokenizer=host_tokenizer_dir()),
+    "dit": lambda p: load_diffusion_model(p, family="qwen_image"),  # pinned: unpinned, a 2.1 file loads
+    "vae": lambda p: load_vae(p, family="qwen_image"),
+    "text_encoder": lambda p: load_text_encoder(p, tokenizer=host_tokenizer_dir(), family="qwen_image"),
     "controlnet": lambda p: load_controlnet(p),
     "blockwise": lambda p: load_blockwise_control(p),
 }

@@ -118,7 +118,8 @@ def open_dit_weights(path: str | os.PathLike, part: str):
 def load_diffusion_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu", ops=None,
                          model_class: type[QwenImageDiT] = QwenImageDiT) -> QwenImageDiT:
-    """Load a Qwen-Image DiT from a single file, a diffusers folder, a pipeline folder or a ``.gguf`` file.
+    """Load a Qwen-Image 1.x DiT from a single file, a diffusers folder, a pipeline folder or a ``.gguf`` file (the
+    family's loader; :func:`models.load_diffusion_model` loads either family).
 
     ``dtype``: compute dtype (and storage dtype of non-fp8 weights).  ``ops``: operations namespace (default
     :class:`models.common.ops.CastOps`; GGUF files default to their quantized layers).  Raises

@@ -388,7 +388,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *, device: st
              ops=None) -> QwenImageVAE:
     """Load the Qwen-Image VAE from a ComfyUI single file (original Wan names), a diffusers ``vae`` folder
     (``config.json`` + ``diffusion_pytorch_model.safetensors``, or the pipeline folder holding it) or a single
-    diffusers-named file.
+    diffusers-named file (the 1.x family's loader; :func:`models.load_vae` loads either family).
 
     Weights are stored and computed in ``dtype`` (bf16 / fp16 / fp32 files accepted).  ``ops`` is the layer
     namespace (default :class:`models.common.ops.CastOps`).  Other VAEs (SD / SDXL / Flux, Wan 2.2, the RGBA and

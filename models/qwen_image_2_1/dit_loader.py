@@ -2,10 +2,11 @@
 
 :func:`load_diffusion_model_2_1` accepts a Comfy-Org single ``.safetensors`` file (bf16 / fp16 / fp32 / fp8 / "scaled"
 fp8, with or without the ``model.diffusion_model.`` prefix), a diffusers folder (``config.json`` + sharded
-safetensors + index), a pipeline folder with ``transformer/``, and a ``.gguf`` of arch ``qwen_image`` with the
-diffusers names (what city96-style converters write; through the shared GGUF reader).  The shape comes from tensor
-shapes (``config.json`` wins where it says more); the model is built on the meta device and filled one tensor at a
-time, fp8 weights stay fp8.
+safetensors + index), a pipeline folder with ``transformer/``, and a ``.gguf`` with the diffusers names (arch
+``qwen_image21`` as ComfyUI-GGUF's converter writes it, or ``qwen_image``: the registry goes by the names; through the
+shared GGUF reader, weights stay quantized).  The shape comes from tensor shapes (``config.json`` wins where it says
+more); the model is built on the meta device and filled one tensor at a time, fp8 weights stay fp8.
+:func:`models.load_diffusion_model` dispatches 2.1 files here.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def dit_2_1_from_tensors(tensors: Mapping, dtype: torch.dtype = torch.float32, d
     Raises :class:`WeightFileError` (the registry's words) for anything but a Qwen-Image 2.1 DiT.
     """
     identity = identify(tensors)
-    if (identity.family, identity.role) != ("qwen_image_2_1", "diffusion_model"):
+    if (identity.family, identity.role, identity.supported) != ("qwen_image_2_1", "diffusion_model", True):
         raise refusal(source, identity, EXPECTED, REQUIRED_KEYS, gguf=getattr(tensors, "arch", None) is not None)
     view = TensorView(tensors, identity.prefix, frozenset({SCALED_FP8_MARKER}))
     config = detect_dit_2_1_config(view, config_json, source)

@@ -20,6 +20,7 @@ def load_text_encoder_2_1(path: str | os.PathLike, tokenizer: str | os.PathLike 
     """Load the Qwen3-VL condition encoder (Comfy-style single file or the diffusers ``text_encoder`` folder) with
     the Qwen-Image 2.1 template ``default``; see :func:`models.encoders.qwen3vl.encoder.load_qwen3vl` for the
     arguments.  ``encode(prompt, images=None, template="default", options=None)`` returns a
-    :class:`~models.encoders.qwen3vl.encoder.Qwen3VLCondition` ``(embeds, mask, image_mask, image_grids)``."""
+    :class:`~models.encoders.qwen3vl.encoder.Qwen3VLCondition` ``(embeds, mask, image_mask, image_grids)``.
+    :func:`models.load_text_encoder` dispatches 2.1 files here."""
     return load_qwen3vl(path, QWEN_IMAGE_2_1_TEMPLATES, tokenizer=tokenizer, dtype=dtype, device=device, ops=ops,
                         host_tokenizer_dirs=host_tokenizer_dirs)

@@ -379,8 +379,8 @@ def load_vae_2_1(path: str | Path, dtype: torch.dtype = torch.float32, *, device
                  ops=None) -> QwenImage21VAE:
     """Load the Qwen-Image 2.1 VAE from a diffusers ``vae`` folder (``config.json`` +
     ``diffusion_pytorch_model.safetensors``, or the pipeline folder holding it), a single file with diffusers names,
-    or a Comfy-Org single file (Wan 2.2 names, see :mod:`.vae_keys`; once :func:`models.registry.identify` names
-    those files, which it does not yet).
+    or a Comfy-Org single file (Wan 2.2 names, see :mod:`.vae_keys`).  :func:`models.load_vae` dispatches 2.1
+    files here.
 
     Weights are stored and computed in ``dtype`` (bf16 / fp16 / fp32 files accepted).  ``ops`` is the layer
     namespace (default :class:`models.common.ops.CastOps`).  Other files are refused with a

@@ -2,11 +2,12 @@
 
 :func:`make_dit_2_1` writes the tensors of diffusers' ``QwenImage21Transformer2DModel(**TINY_DIT_2_1)`` (real
 topology: single-stream blocks, shared modulation, SwiGLU, no biases; small width) as a Comfy-Org single file, a
-diffusers ``transformer/`` folder or a GGUF (arch ``qwen_image``, the diffusers names).  Values, writing and fp8
-conversion are :mod:`tiny_models.factory`'s: each tensor from its own generator seeded by ``(seed, name)`` (same
-seed, same bytes; every layout of one seed holds the same model), Linear weights with std ``1 / sqrt(fan_in)``,
-q/k RMSNorm weights ``1 + 0.1 n`` and the zero-centred text norm (stored ``scale - 1``) ``0.1 n``: no norm is
-the identity, so a wrong or missing norm mapping changes the output.
+diffusers ``transformer/`` folder or a GGUF (the diffusers names, arch ``qwen_image``: published files and
+tools/quantize_gguf.py tag ``qwen_image21``, so this one exercises the registry's by-name fallback).  Values,
+writing and fp8 conversion are :mod:`tiny_models.factory`'s: each tensor from its own generator seeded by
+``(seed, name)`` (same seed, same bytes; every layout of one seed holds the same model), Linear weights with std
+``1 / sqrt(fan_in)``, q/k RMSNorm weights ``1 + 0.1 n`` and the zero-centred text norm (stored ``scale - 1``)
+``0.1 n``: no norm is the identity, so a wrong or missing norm mapping changes the output.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .factory import (_BIAS, _LINEAR, _NORM, _AtomicFolder, _convert, _linear, _
                       _write_safetensors, _write_sharded, DIT_PREFIX)
 from .gguf_factory import write_qwen_image_gguf
 
-__all__ = ["TINY_DIT_2_1", "make_dit_2_1", "dit_2_1_spec", "dit_2_1_weights"]
+__all__ = ["TINY_DIT_2_1", "K_QUANT_DIT_2_1", "make_dit_2_1", "dit_2_1_spec", "dit_2_1_weights"]
 
 # diffusers QwenImage21Transformer2DModel(**TINY_DIT_2_1); real: 32 layers, 32 heads x 128, context 4096, axes
 # (16, 56, 56).  context_in_dim equals the tiny text encoders' hidden size, so tiny models compose end to end.
@@ -37,6 +38,9 @@ TINY_DIT_2_1: dict = {
     "eps": 1e-6,
     "causal_condition": True,
 }
+# 8 heads x 32 = 256 wide, 256-wide text input, MLP 768: every block Linear has rows that are a multiple of 256, so
+# K formats really apply (in TINY_DIT_2_1 they fall back to legacy ones).
+K_QUANT_DIT_2_1: dict = {**TINY_DIT_2_1, "num_attention_heads": 8, "context_in_dim": 256}
 
 
 def dit_2_1_spec(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -30,7 +30,7 @@ import torch
 from . import dequant as _dequant
 from .dequant import DEQUANTIZABLE_TYPES, dequantize
 from .layers import ONE_VECTOR_LAYERS, DequantContext, GGUFOps, QuantizedTensor
-from .names import Source, text_encoder_sources
+from .names import QWEN_IMAGE_2_1_ARCH, QWEN_IMAGE_ARCH, Source, text_encoder_sources
 from .reader import GGMLType, GGUFError, GGUFReader, GGUFTensorInfo
 
 __all__ = ["GGUFError", "GGUFReader", "GGUFTensorInfo", "GGMLType", "GGUFCheckpoint", "QuantizedTensor",
@@ -38,7 +38,7 @@ __all__ = ["GGUFError", "GGUFReader", "GGUFTensorInfo", "GGMLType", "GGUFCheckpo
            "find_mmproj", "mmproj_missing_message", "tokenizer_from_gguf"]
 
 _STORED_DTYPE = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
-DIT_ARCHS = ("qwen_image",)
+DIT_ARCHS = (QWEN_IMAGE_ARCH, QWEN_IMAGE_2_1_ARCH)  # the registry tells the families apart
 TEXT_ARCHS = ("qwen2vl", "qwen2")
 # Dense copies of the DiT's one-vector-per-step weights kept by default, in parameters (1 GiB in bf16): all of them
 # for small models, the first blocks' of a full Qwen-Image (whose 2 x 60 modulation Linears would need 13.6 GB).
@@ -194,7 +194,8 @@ def _dense_by_default(reader: GGUFReader, budget: int) -> frozenset[str]:
 
 def open_dit_gguf(path: str | os.PathLike,
                   dense_budget: int = DENSE_MODULATION_BUDGET) -> tuple[GGUFCheckpoint, type[GGUFOps]]:
-    """A Qwen-Image DiT GGUF (arch ``qwen_image``, diffusers names) as a lazy mapping, and the ops to run it.
+    """A Qwen-Image 1.x or 2.1 DiT GGUF (arch ``qwen_image`` / ``qwen_image21``, diffusers names) as a lazy mapping,
+    and the ops to run it.
 
     The weights of layers that see one vector per step (:data:`~models.io.gguf.layers.ONE_VECTOR_LAYERS`: the
     modulations, a third of the parameters, and the timestep MLP) are marked to be dequantized once and kept in the

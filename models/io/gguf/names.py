@@ -3,6 +3,8 @@
 * Text model (arch ``qwen2vl``, as llama.cpp's converter writes Qwen2.5-VL; no q/k permutation for Qwen2):
   ``token_embd``, ``blk.N.{attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, attn_norm,
   ffn_norm}``, ``output_norm``; ``output`` (the LM head) is not used.
+* DiTs keep the diffusers names; ``general.architecture`` says which family: :data:`QWEN_IMAGE_ARCH` (1.x) or
+  :data:`QWEN_IMAGE_2_1_ARCH` (2.1).
 * Vision tower (the separate ``mmproj`` file, arch ``clip``, projector ``qwen2.5vl_merger``): the Conv3d patch
   embedding is stored as two 2-D slices ``v.patch_embd.weight`` / ``v.patch_embd.weight.1`` (temporal index 0
   and 1), the fused ``attn.qkv`` as ``v.blk.N.attn_q/attn_k/attn_v``, the blocks as ``v.blk.N.{ln1, ln2,
@@ -18,8 +20,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["TEXT_LAYER_NAMES", "VISION_BLOCK_NAMES", "Source", "text_encoder_sources", "to_llama_text",
-           "to_mmproj", "MMPROJ_PATCH_SLICES"]
+__all__ = ["QWEN_IMAGE_ARCH", "QWEN_IMAGE_2_1_ARCH", "TEXT_LAYER_NAMES", "VISION_BLOCK_NAMES", "Source",
+           "text_encoder_sources", "to_llama_text", "to_mmproj", "MMPROJ_PATCH_SLICES"]
+
+# DiT architecture tags as city96's ComfyUI-GGUF converter writes them (tools/convert.py; its loader accepts only the
+# tags in IMG_ARCH_LIST).  2.1: "qwen_image21", added to the converter with Qwen-Image 2.1 (city96/ComfyUI-GGUF
+# issue #482, 2026-09-21) and seen in published 2.1 GGUFs.
+QWEN_IMAGE_ARCH = "qwen_image"
+QWEN_IMAGE_2_1_ARCH = "qwen_image21"
 
 # llama.cpp leaf -> ours, inside blk.N / model.layers.N
 TEXT_LAYER_NAMES = {

@@ -9,18 +9,22 @@
   scales exactly as stored, so what a reader decodes is what was optimised.
 * F32 / F16 / BF16: plain casts (round to nearest even).
 
-:func:`quantize` returns the stored bytes ``uint8 [*shape[:-1], row_bytes]`` (see :mod:`models.io.gguf.writer`).
+:func:`quantize` returns the stored bytes ``uint8 [*shape[:-1], row_bytes]`` (see :mod:`models.io.gguf.writer`);
+:func:`dit_tensor_type` picks a DiT tensor's type from a preset and its family's :class:`DitRules` (:data:`DIT_RULES`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from .names import QWEN_IMAGE_2_1_ARCH, QWEN_IMAGE_ARCH
 from .reader import QUANT_BLOCKS, GGMLType, GGUFError
 
-__all__ = ["quantize", "QUANTIZABLE_TYPES", "DIT_PRESETS", "dit_tensor_type", "fitting_type"]
+__all__ = ["quantize", "QUANTIZABLE_TYPES", "DIT_PRESETS", "DitRules", "DIT_RULES", "QWEN_IMAGE_RULES",
+           "QWEN_IMAGE_2_1_RULES", "dit_tensor_type", "fitting_type"]
 
 _CHUNK_ELEMENTS = 1 << 17  # per step: temporaries of ~0.5 MB stay cheap to allocate and in cache
 _FLOAT_TYPES = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
@@ -240,7 +244,7 @@ def quantize(x: torch.Tensor, qtype: GGMLType | int) -> torch.Tensor:
     return out.view(*x.shape[:-1], x.shape[-1] // block * type_size)
 
 
-# -- Qwen-Image DiT presets ----------------------------------------------------------------------------------------
+# -- Qwen-Image DiT presets (1.x and 2.1) ---------------------------------------------------------------------------
 
 # preset -> (base type, type for the sensitive tensors: first/last block, V projections, FFN-down)
 DIT_PRESETS: dict[str, tuple[GGMLType, GGMLType]] = {
@@ -254,8 +258,29 @@ DIT_PRESETS: dict[str, tuple[GGMLType, GGMLType]] = {
 # K formats need rows that are multiples of 256; these legacy formats replace them otherwise (as llama.cpp does)
 K_FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0,
               GGMLType.Q3_K: GGMLType.Q4_0, GGMLType.Q2_K: GGMLType.Q4_0}
-HIGH_PRECISION_DIT = ("img_in.", "txt_in.", "time_text_embed.", "norm_out.", "proj_out.", "txt_norm.")
-SENSITIVE_DIT = (".attn.to_v.", ".attn.add_v_proj.", ".img_mlp.net.2.", ".txt_mlp.net.2.")
+
+
+@dataclass(frozen=True)
+class DitRules:
+    """One family's DiT quantization rules: the GGUF arch tag its files carry, the tensors kept in BF16 (name
+    prefixes) and those one level higher (name fragments; blocks 0 and last always are)."""
+
+    arch: str
+    high_precision: tuple[str, ...]
+    sensitive: tuple[str, ...]
+
+
+# The usual city96 rules: the input / output projections and embeddings in BF16; V projections and FFN-down higher.
+QWEN_IMAGE_RULES = DitRules(QWEN_IMAGE_ARCH,
+                            ("img_in.", "txt_in.", "time_text_embed.", "norm_out.", "proj_out.", "txt_norm."),
+                            (".attn.to_v.", ".attn.add_v_proj.", ".img_mlp.net.2.", ".txt_mlp.net.2."))
+# The same rules on 2.1's names (img_mlp.out is its FFN-down).  Its one shared modulation, which every block reads,
+# stays BF16 like norm_out.linear: 1% of the parameters (1.x's per-block modulations are a third), and in BF16 it
+# costs no dequantization per step.
+QWEN_IMAGE_2_1_RULES = DitRules(QWEN_IMAGE_2_1_ARCH,
+                                ("img_in.", "txt_in.", "time_text_embed.", "modulation.", "norm_out.", "proj_out."),
+                                (".attn.to_v.", ".img_mlp.out."))
+DIT_RULES = {"qwen_image": QWEN_IMAGE_RULES, "qwen_image_2_1": QWEN_IMAGE_2_1_RULES}  # by the registry's family
 
 
 def fitting_type(qtype: GGMLType, shape: tuple[int, ...], high_precision: GGMLType = GGMLType.BF16) -> GGMLType:
@@ -265,21 +290,22 @@ def fitting_type(qtype: GGMLType, shape: tuple[int, ...], high_precision: GGMLTy
     return qtype if shape[-1] % QUANT_BLOCKS[qtype][0] == 0 else high_precision
 
 
-def dit_tensor_type(name: str, shape: tuple[int, ...], preset: str, depth: int) -> GGMLType:
-    """The storage type of one Qwen-Image DiT tensor under ``preset`` (see :data:`DIT_PRESETS`).
+def dit_tensor_type(name: str, shape: tuple[int, ...], preset: str, depth: int,
+                    rules: DitRules = QWEN_IMAGE_RULES) -> GGMLType:
+    """The storage type of one DiT tensor under ``preset`` (see :data:`DIT_PRESETS`) and the family's ``rules``.
 
-    1-D tensors stay F32; img_in, txt_in, time_text_embed, norm_out and proj_out stay BF16; blocks 0 and
-    ``depth - 1``, the V projections and FFN-down get the preset's higher type; rows that do not fit a K format
-    fall back to a legacy one (:data:`K_FALLBACK`).
+    1-D tensors stay F32; the rules' high-precision tensors (1.x: img_in, txt_in, time_text_embed, norm_out,
+    proj_out; 2.1 also its shared modulation) stay BF16; blocks 0 and ``depth - 1``, the V projections and FFN-down
+    get the preset's higher type; rows that do not fit a K format fall back to a legacy one (:data:`K_FALLBACK`).
     """
     if preset not in DIT_PRESETS:
         raise GGUFError(f"unknown preset {preset!r}; choose one of {', '.join(DIT_PRESETS)}.")
     base, higher = DIT_PRESETS[preset]
     if len(shape) < 2:
         return GGMLType.F32
-    if name.startswith(HIGH_PRECISION_DIT) or base in (GGMLType.F16, GGMLType.BF16):
+    if name.startswith(rules.high_precision) or base in (GGMLType.F16, GGMLType.BF16):
         return base if base in (GGMLType.F16, GGMLType.BF16) else GGMLType.BF16
     key = "." + name
-    sensitive = any(part in key for part in SENSITIVE_DIT) or \
+    sensitive = any(part in key for part in rules.sensitive) or \
         key.startswith((".transformer_blocks.0.", f".transformer_blocks.{depth - 1}."))
     return fitting_type(higher if sensitive else base, shape)
