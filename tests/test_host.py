@@ -45,3 +45,22 @@ def test_every_input_has_a_tooltip_and_one_category(host):
                 options = spec[1] if len(spec) > 1 else {}
                 assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
 
+
+
+def _choices(info: dict, node: str, name: str) -> list[str]:
+    return info[node]["input"]["required"][name][0]
+
+
+def test_gguf_files_are_listed_by_our_loaders_only(host):
+    """.gguf files come from our own folder keys: core's loaders (which cannot load them) never list them."""
+    info = host.object_info()
+    ours = {("QIP_DiffusionModelLoader", "model_name"): "qwen-image-Q8_0.gguf",
+            ("QIP_TextEncoderLoader", "text_encoder_name"): "Qwen2.5-VL-7B-Instruct-Q8_0.gguf"}
+    for (node, name), gguf in ours.items():
+        assert gguf in _choices(info, node, name)
+    assert "Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf" not in _choices(info, "QIP_TextEncoderLoader", "text_encoder_name")
+    core = {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("ControlNetLoader", "control_net_name")}
+    for node, name in core:
+        listed = _choices(info, node, name)
+        assert not [f for f in listed if f.lower().endswith(".gguf")], f"{node} lists .gguf files"
+    assert "qwen_image_bf16.safetensors" in _choices(info, "UNETLoader", "unet_name")  # core's lists still work

@@ -101,7 +101,7 @@ class QwenImageControlNet(DoubleStreamTrunk):
         img = self._packed(x, QWEN_IMAGE_LATENT.channels, batch, (height, width), "a latent")
         hint = self._packed(control_latent.to(device), self.config.control_channels, batch, (height, width),
                             "a control latent")
-        img = self.img_in(img) + self.controlnet_x_embedder(hint)
+        img = self.image_tokens(img) + self.controlnet_x_embedder(hint)
 
         silu_temb = self.time_embedding(torch.as_tensor(timestep, device=device).reshape(-1).expand(batch))
         txt = self.text_tokens(context, device)
@@ -111,7 +111,7 @@ class QwenImageControlNet(DoubleStreamTrunk):
         samples = []
         for block, head in zip(self.transformer_blocks, self.controlnet_blocks):
             img, txt = block(img, txt, silu_temb, [img.shape[1]], rope, mask, options)
-            samples.append(head(img) * conditioning_scale)
+            samples.append(head(img.to(dtype)) * conditioning_scale)
         return samples
 
 

@@ -14,6 +14,10 @@ diffusers (the reference the Qwen team recommends):
   embedding, the target latent has several frames (the whole image, then the layers), and the condition image
   (the last reference) sits at frame -1 of the RoPE.
 
+fp16: Qwen's residual streams reach about 2e7, far beyond fp16's 65504 (black images when clamped or overflowed).
+In fp16 the matmuls, norms' inputs and attention run in fp16 while the residual streams, the modulation and the
+gated additions stay in fp32 (:attr:`QwenImageDiT.stream_dtype`); in bf16 / fp32 both are the compute dtype.
+
 The model runs in ``compute_dtype``; layers come from an injectable ``ops`` namespace that casts stored weights
 per layer (fp8 weights stay fp8 in memory).
 """
@@ -47,8 +51,8 @@ BLOCK_HOOK = "qip_block_hook"
 @dataclass
 class BlockCall:
     """One block's call as a hook sees it.  ``run(img, txt, temb, rope) -> (img, txt)`` runs the block (it updates
-    ``img`` and ``txt`` in place); ``temb`` is SiLU of the timestep embedding (one row block per token segment),
-    ``rope`` the rotation table of the joint sequence."""
+    ``img`` and ``txt`` in place); ``temb`` is SiLU of the timestep embedding ``vec`` (one row block per token
+    segment; the modulation layers read ``temb``), ``rope`` the rotation table of the joint sequence."""
 
     index: int
     img: torch.Tensor
@@ -56,6 +60,7 @@ class BlockCall:
     temb: torch.Tensor
     rope: torch.Tensor
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    vec: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -203,10 +208,11 @@ def _gated_add_(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, sizes: Seq
         x_part.addcmul_(g, y_part)
 
 
-def _mod_params(linear: nn.Module, silu_temb: torch.Tensor, segments: int) -> list[torch.Tensor]:
+def _mod_params(linear: nn.Module, silu_temb: torch.Tensor, segments: int,
+                stream_dtype: torch.dtype) -> list[torch.Tensor]:
     """``Linear(SiLU(temb))`` split into ``shift1, 1+scale1, gate1, shift2, 1+scale2, gate2``, each
-    ``[segments, B, 1, D]`` (rows of ``temb`` are segment-major)."""
-    params = linear(silu_temb)
+    ``[segments, B, 1, D]`` in ``stream_dtype`` (rows of ``temb`` are segment-major)."""
+    params = linear(silu_temb).to(stream_dtype)
     params = params.view(segments, params.shape[0] // segments, 1, params.shape[-1])
     shift1, scale1, gate1, shift2, scale2, gate2 = params.chunk(6, dim=-1)
     return [shift1, scale1 + 1, gate1, shift2, scale2 + 1, gate2]
@@ -226,30 +232,31 @@ class DoubleStreamBlock(nn.Module):
                 rope: torch.Tensor, mask: torch.Tensor | None,
                 options: Options | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Update ``img`` and ``txt`` in place and return them.  ``silu_temb`` holds one row block per image
-        token segment (``img_sizes``); the text uses the first.  ``options``: run options (attention kernel)."""
+        token segment (``img_sizes``); the text uses the first.  ``options``: run options (attention kernel).
+
+        The layers compute in ``silu_temb``'s dtype; ``img`` / ``txt`` (the residual streams) may be wider (fp32
+        streams around fp16 layers, see the module docstring)."""
         batch, width = txt.shape[0], img.shape[-1]
+        compute, stream = silu_temb.dtype, img.dtype
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _mod_params(self.img_mod[1], silu_temb,
-                                                                                len(img_sizes))
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _mod_params(self.txt_mod[1], silu_temb[:batch], 1)
+                                                                                len(img_sizes), stream)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _mod_params(self.txt_mod[1], silu_temb[:batch], 1,
+                                                                                stream)
         txt_sizes = (txt.shape[1],)
 
-        img_in = _modulate(F.layer_norm(img, (width,), eps=_EPS), i_shift1, i_scale1, img_sizes)
-        txt_in = _modulate(F.layer_norm(txt, (width,), eps=_EPS), t_shift1, t_scale1, txt_sizes)
+        img_in = _modulate(F.layer_norm(img, (width,), eps=_EPS), i_shift1, i_scale1, img_sizes).to(compute)
+        txt_in = _modulate(F.layer_norm(txt, (width,), eps=_EPS), t_shift1, t_scale1, txt_sizes).to(compute)
         img_attn, txt_attn = self.attn(img_in, txt_in, rope, mask, options)
         del img_in, txt_in
         _gated_add_(img, i_gate1, img_attn, img_sizes)
         _gated_add_(txt, t_gate1, txt_attn, txt_sizes)
         del img_attn, txt_attn
 
-        img_in = _modulate(F.layer_norm(img, (width,), eps=_EPS), i_shift2, i_scale2, img_sizes)
+        img_in = _modulate(F.layer_norm(img, (width,), eps=_EPS), i_shift2, i_scale2, img_sizes).to(compute)
         _gated_add_(img, i_gate2, self.img_mlp(img_in), img_sizes)
         del img_in
-        txt_in = _modulate(F.layer_norm(txt, (width,), eps=_EPS), t_shift2, t_scale2, txt_sizes)
+        txt_in = _modulate(F.layer_norm(txt, (width,), eps=_EPS), t_shift2, t_scale2, txt_sizes).to(compute)
         _gated_add_(txt, t_gate2, self.txt_mlp(txt_in), txt_sizes)
-
-        if img.dtype == torch.float16:  # Qwen activations exceed the fp16 range
-            img.clamp_(-65504, 65504)
-            txt.clamp_(-65504, 65504)
         return img, txt
 
 
@@ -261,8 +268,9 @@ class OutputNorm(nn.Module):
         self.linear = ops.Linear(width, 2 * width, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, silu_temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(silu_temb)[:, None, :].chunk(2, dim=-1)
-        return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=_EPS), scale + 1)
+        """In ``silu_temb``'s (the compute) dtype; ``x`` may be a wider residual stream."""
+        scale, shift = self.linear(silu_temb)[:, None, :].to(x.dtype).chunk(2, dim=-1)
+        return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=_EPS), scale + 1).to(silu_temb.dtype)
 
 
 class DoubleStreamTrunk(nn.Module):
@@ -283,19 +291,34 @@ class DoubleStreamTrunk(nn.Module):
                                                 for _ in range(config.depth))
         self.rope = MSRoPE(config.axes_dim, config.rope_theta, layer3d=config.layer3d_rope)
 
-    def time_embedding(self, sigma: torch.Tensor, condition_index: int = 0) -> torch.Tensor:
-        """SiLU of the timestep embedding of ``sigma [N]`` (what every modulation Linear reads); Layered models add
-        the embedding of ``condition_index`` (0 for the reference's RGBA decomposition)."""
+    @property
+    def stream_dtype(self) -> torch.dtype:
+        """The residual streams' dtype: fp32 around fp16 layers (Qwen's activations exceed fp16), else the compute
+        dtype."""
+        return torch.float32 if self.compute_dtype == torch.float16 else self.compute_dtype
+
+    def timestep_embedding(self, sigma: torch.Tensor, condition_index: int = 0) -> torch.Tensor:
+        """The timestep embedding of ``sigma [N]`` (before SiLU); Layered models add the embedding of
+        ``condition_index`` (0 for the reference's RGBA decomposition)."""
         sinusoid = timestep_sinusoid(sigma).to(self.compute_dtype)
         embedding = self.time_text_embed.timestep_embedder(sinusoid)
         if self.config.additional_t_cond:
             index = torch.full(sigma.shape, condition_index, dtype=torch.long, device=sigma.device)
             extra = self.time_text_embed.addition_t_embedding(index, out_dtype=self.compute_dtype)
             embedding = embedding + extra.to(self.compute_dtype)
-        return F.silu(embedding)
+        return embedding
+
+    def time_embedding(self, sigma: torch.Tensor, condition_index: int = 0) -> torch.Tensor:
+        """SiLU of :meth:`timestep_embedding` (what every modulation Linear reads)."""
+        return F.silu(self.timestep_embedding(sigma, condition_index))
+
+    def image_tokens(self, packed: torch.Tensor) -> torch.Tensor:
+        """The image stream: ``img_in`` of the packed latent tokens, in :attr:`stream_dtype`."""
+        return self.img_in(packed).to(self.stream_dtype)
 
     def text_tokens(self, context: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self.txt_in(self.txt_norm(context.to(device=device, dtype=self.compute_dtype)))
+        """The text stream, in :attr:`stream_dtype`."""
+        return self.txt_in(self.txt_norm(context.to(device=device, dtype=self.compute_dtype))).to(self.stream_dtype)
 
 
 class QwenImageDiT(DoubleStreamTrunk):
@@ -381,9 +404,10 @@ class QwenImageDiT(DoubleStreamTrunk):
         sigma = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
         if zero_cond:
             sigma = torch.cat([sigma, torch.zeros_like(sigma)])
-        silu_temb = self.time_embedding(sigma, condition_index)
+        vec = self.timestep_embedding(sigma, condition_index)
+        silu_temb = F.silu(vec)
 
-        img = self.img_in(img)
+        img = self.image_tokens(img)
         txt = self.text_tokens(context, device)
         rope = self.rope(grids, txt.shape[1], device, dtype)
         mask = joint_attention_mask(context_mask, img.shape[1], device)
@@ -397,15 +421,15 @@ class QwenImageDiT(DoubleStreamTrunk):
                 def run(img_, txt_, temb_, rope_, block=block):
                     return block(img_, txt_, temb_, img_sizes, rope_, mask, options)
 
-                img, txt = hook(BlockCall(index, img, txt, silu_temb, rope, run))
+                img, txt = hook(BlockCall(index, img, txt, silu_temb, rope, run, vec))
             for patch in block_patches or ():
                 residual = patch(index, img[:, :target_tokens])
                 if residual is not None:
-                    img[:, :target_tokens] += residual.to(device=device, dtype=dtype)
+                    img[:, :target_tokens] += residual.to(device=device, dtype=img.dtype)
             if control:
                 residual = control[index // interval]
                 if residual is not None:
-                    img[:, :target_tokens] += residual.to(device=device, dtype=dtype)
+                    img[:, :target_tokens] += residual.to(device=device, dtype=img.dtype)
 
         out = self.proj_out(self.norm_out(img[:, :target_tokens], silu_temb[:batch]))
         frames = [unpack_latent(part, height, width, p) for part in out.split(target_tokens // len(targets), dim=1)]

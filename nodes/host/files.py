@@ -1,9 +1,9 @@
 """Which model files each loader offers, from the host's model folders.
 
-Registers ``.gguf`` for the folders our loaders read (the host does not know the extension) when imported, so
-every feature that lists files sees them, and adds diffusers / HF model folders (a sub-folder with a
-``config.json``; a full pipeline folder offers its ``transformer``, ``text_encoder`` or ``vae`` part) next to the
-single files.
+``.gguf`` files are listed through folder keys of our own (``qip_<folder>_gguf``, sharing the host folder's path
+list, as ComfyUI-GGUF does with ``unet_gguf``): core's folder lists and caches stay untouched, so core's loaders
+never offer a .gguf they cannot load.  Diffusers / HF model folders (a sub-folder with a ``config.json``; a full
+pipeline folder offers its ``transformer``, ``text_encoder`` or ``vae`` part) are listed next to the single files.
 """
 
 from __future__ import annotations
@@ -17,29 +17,33 @@ import folder_paths
 from ...models import WeightFileError
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-WEIGHT_EXTENSIONS = (*SAFETENSORS_EXTENSIONS, ".gguf")
+GGUF_EXTENSION = ".gguf"
+WEIGHT_EXTENSIONS = (*SAFETENSORS_EXTENSIONS, GGUF_EXTENSION)
 GGUF_FOLDERS = ("diffusion_models", "text_encoders", "controlnet")
 # mmproj files are the vision half of a GGUF text encoder, never a text encoder on their own.
 _MMPROJ = "mmproj"
 
 
-def _register_gguf_extension() -> None:
-    for name in GGUF_FOLDERS:
-        entry = folder_paths.folder_names_and_paths.get(name)
-        if entry is None:
-            continue
-        paths, extensions = entry[0], entry[1]
-        if ".gguf" not in extensions:
-            extensions = set(extensions) | {".gguf"}
-            folder_paths.folder_names_and_paths[name] = (paths, extensions)
-    # The host caches file lists per folder; a cached list made before the registration would lack .gguf files.
-    cache = getattr(folder_paths, "filename_list_cache", None)
-    if isinstance(cache, dict):
-        for name in GGUF_FOLDERS:
-            cache.pop(name, None)
+def gguf_key(folder: str) -> str:
+    """Our folder key listing the .gguf files of a host model folder."""
+    return f"qip_{folder}_gguf"
 
 
-_register_gguf_extension()  # on import: whichever features load, all of them list .gguf files
+def _register_gguf_folders() -> None:
+    for folder in GGUF_FOLDERS:
+        entry = folder_paths.folder_names_and_paths.get(folder)
+        if entry is not None:
+            # the host folder's own path list object: paths added to it later (extra_model_paths.yaml) count too
+            folder_paths.folder_names_and_paths[gguf_key(folder)] = (entry[0], {GGUF_EXTENSION})
+
+
+_register_gguf_folders()  # on import: whichever features load, all of them list .gguf files
+
+
+def _file_key(folder: str, name: str) -> str:
+    """The folder key a listed file name belongs to."""
+    gguf = name.lower().endswith(GGUF_EXTENSION) and gguf_key(folder) in folder_paths.folder_names_and_paths
+    return gguf_key(folder) if gguf else folder
 
 
 def _model_folders(folder: str, part: str) -> list[str]:
@@ -73,7 +77,10 @@ def _inside_model_folder(folder: str, name: str) -> bool:
 def list_models(folder: str, part: str, extensions: tuple[str, ...]) -> list[str]:
     """Loadable single files (by extension; not the shards inside model folders, not mmproj files) and model
     folders in a host model folder."""
-    files = [name for name in folder_paths.get_filename_list(folder)
+    names = folder_paths.get_filename_list(folder)
+    if GGUF_EXTENSION in extensions and gguf_key(folder) in folder_paths.folder_names_and_paths:
+        names = [*names, *folder_paths.get_filename_list(gguf_key(folder))]
+    files = [name for name in names
              if name.lower().endswith(extensions) and _MMPROJ not in os.path.basename(name).lower()
              and not _inside_model_folder(folder, name)]
     return sorted(set(files)) + _model_folders(folder, part)
@@ -92,7 +99,7 @@ def resolve(folder: str, name: str) -> str:
             if os.path.isdir(path):
                 return path
     else:
-        path = folder_paths.get_full_path(folder, name)
+        path = folder_paths.get_full_path(_file_key(folder, name), name)
         if path:
             return path
     raise FileNotFoundError(f"'{name}' is not in the {folder} model folder any more "

@@ -5,15 +5,24 @@ The host then samples it with its own samplers (KSampler, SamplerCustom...), loa
 its loaders to our weights (parameter names are the diffusers names, which the host maps for Qwen-Image LoRAs),
 and interrupts it between steps.
 
+Inside the host the DiT behaves like core's own Qwen model: its forward runs under the host's DIFFUSION_MODEL
+wrappers (EasyCache, LazyCache, ...), every attention goes through the host's attention function with the
+current ``transformer_options`` (backend flags, ``optimized_attention_override``), and block patches apply as core
+applies them: ``patches_replace["dit"][("double_block", i)]`` replaces block ``i`` (its ``original_block`` runs
+ours) and ``patches["double_block"]`` run after each block, with ``block_index`` / ``total_blocks`` /
+``block_type`` set in the options.
+
 Surfaces used, all present for years: ``comfy.model_base.BaseModel`` (its ``diffusion_model(x, t, context=...,
 control=..., transformer_options=..., **extra_conds)`` call), ``comfy.supported_models_base.BASE``,
-``comfy.model_patcher.ModelPatcher``, ``comfy.conds``, ``comfy.latent_formats``, ``comfy.model_management``.
+``comfy.model_patcher.ModelPatcher``, ``comfy.conds``, ``comfy.latent_formats``, ``comfy.model_management``,
+``comfy.patcher_extension`` (guarded: without it the forward runs unwrapped).
 ``comfy.model_base.QwenImage`` (host >= 0.3.48) is used as the base class when present, only so the host's LoRA
 key mapping for Qwen-Image files applies.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 
@@ -27,8 +36,14 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
 
-from ...models import QWEN_IMAGE_LATENT, QuantizedTensor, QwenImageDiT, resolution_shift
-from .ops import HostPatchable
+from ...models import BLOCK_HOOK, QWEN_IMAGE_LATENT, BlockCall, QwenImageDiT, resolution_shift
+from .attention import with_host_attention
+from .ops import HostPatchable, patch_bytes
+
+try:  # the host's wrapper machinery (ComfyUI >= 0.3.10)
+    from comfy.patcher_extension import WrapperExecutor, WrappersMP, get_all_wrappers
+except ImportError:  # pragma: no cover - older hosts run the forward unwrapped
+    WrapperExecutor = None
 
 logger = logging.getLogger("qwen_image")
 
@@ -65,14 +80,46 @@ class QwenImageLatentFormat(getattr(comfy.latent_formats, QWEN_IMAGE_LATENT.host
 
 
 _warned: set[str] = set()
+# What the DiT honours of the host's transformer_options: patches[kind] and patches_replace[kind].
+_PATCH_KINDS = {"double_block", BLOCKWISE_PATCHES}
+_REPLACE_KINDS = {"dit"}
 
 
 def _warn_unhandled(kinds: set[str]) -> None:
-    """Say once per kind that a host model patch (e.g. the core DiffSynth node's double_block patch) is ignored."""
+    """Say once per kind that a host model patch this DiT has no place for is ignored."""
     for kind in sorted(kinds - _warned):
         _warned.add(kind)
-        logger.warning("Qwen-Image: the '%s' model patch is not supported by this pack's DiT and is ignored; use "
-                       "the pack's own control nodes (Qwen-Image DiffSynth Control Apply, ControlNet Apply).", kind)
+        logger.warning("Qwen-Image: the '%s' model patch has no counterpart in the Qwen-Image DiT and is ignored "
+                       "(supported: patches_replace['dit'] double_block, patches double_block).", kind)
+
+
+def _host_block_hook(options: dict, x: torch.Tensor):
+    """Our DiT's block hook (:class:`BlockCall`) carrying out the host's block patches as core's Qwen model does."""
+    replace = (options.get("patches_replace") or {}).get("dit") or {}
+    after = (options.get("patches") or {}).get("double_block") or []
+
+    def hook(call: BlockCall) -> tuple[torch.Tensor, torch.Tensor]:
+        options["block_index"] = call.index
+        patch = replace.get(("double_block", call.index))
+        if patch is None:
+            img, txt = call.run(call.img, call.txt, call.temb, call.rope)
+        else:
+            def original_block(args: dict) -> dict:
+                # our blocks update their inputs in place: a patch may still read args["img"] afterwards
+                temb = call.temb if args["vec"] is call.vec else F.silu(args["vec"])
+                img_out, txt_out = call.run(args["img"].clone(), args["txt"].clone(), temb, args["pe"])
+                return {"img": img_out, "txt": txt_out}
+
+            out = patch({"img": call.img, "txt": call.txt, "vec": call.vec, "pe": call.rope,
+                         "transformer_options": options}, {"original_block": original_block})
+            img, txt = out["img"], out["txt"]
+        for patch_after in after:
+            out = patch_after({"img": img, "txt": txt, "x": x, "block_index": call.index,
+                               "transformer_options": options})
+            img, txt = out["img"], out["txt"]
+        return img, txt
+
+    return hook
 
 
 def _pad_to_patches(latent: torch.Tensor) -> torch.Tensor:
@@ -118,6 +165,18 @@ class HostQwenImageDiT(QwenImageDiT):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, ref_latents: list[torch.Tensor] | None = None,
                 control=None, transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
+        """The host's call; runs :meth:`_forward` under the host's DIFFUSION_MODEL wrappers (they find the
+        ``transformer_options`` as the last positional argument, as with core's models)."""
+        options = {} if transformer_options is None else transformer_options
+        if WrapperExecutor is None:
+            return self._forward(x, timesteps, context, attention_mask, ref_latents, control, options, **kwargs)
+        wrappers = get_all_wrappers(WrappersMP.DIFFUSION_MODEL, options)
+        return WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timesteps, context, attention_mask, ref_latents, control, options, **kwargs)
+
+    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None, ref_latents: list[torch.Tensor] | None, control,
+                 transformer_options: dict, **kwargs) -> torch.Tensor:
         _check_conditioning_width(context, self.config.joint_dim, self.source, kwargs.get(TEXT_ENCODER_KEY))
         frames = x.ndim == 5
         layered = frames and x.shape[2] > 1  # Qwen-Image-Layered: the whole image and its layers
@@ -126,17 +185,21 @@ class HostQwenImageDiT(QwenImageDiT):
         refs = [_pad_to_patches(as_image_latent(r)) for r in ref_latents] if ref_latents else None
         # ControlNet residuals (the host's control dict, summed over chained controls) and blockwise patches.
         residuals = control.get("input") if isinstance(control, dict) else None
-        options = transformer_options or {}
-        _warn_unhandled(set(options.get("patches") or {}) - {BLOCKWISE_PATCHES}
-                        | set(options.get("patches_replace") or {}))
+        options = transformer_options
+        _warn_unhandled(set(options.get("patches") or {}) - _PATCH_KINDS
+                        | set(options.get("patches_replace") or {}) - _REPLACE_KINDS)
         patches = (options.get("patches") or {}).get(BLOCKWISE_PATCHES, [])
         block_patches = [patch.for_latent(latent) for patch in patches] or None
         patch_size = QWEN_IMAGE_LATENT.patch_size
         if (residuals or block_patches) and (height % patch_size or width % patch_size):
             raise ValueError(f"control needs whole DiT patches (image sides multiples of "
                              f"{QWEN_IMAGE_LATENT.pixel_multiple}), got a {width}x{height} latent")
+        options["total_blocks"], options["block_type"] = len(self.transformer_blocks), "double"  # as core sets them
+        run_options = with_host_attention(options)
+        run_options[BLOCK_HOOK] = _host_block_hook(run_options, x)
         out = super().forward(_pad_to_patches(latent), timesteps, context, context_mask=attention_mask,
-                              ref_latents=refs, control=residuals or None, block_patches=block_patches)
+                              ref_latents=refs, control=residuals or None, block_patches=block_patches,
+                              options=run_options)
         out = out[..., :height, :width]
         return out.unsqueeze(2) if frames and not layered else out
 
@@ -149,7 +212,7 @@ class QwenImageModelConfig(comfy.supported_models_base.BASE):
     sampling_settings = {"shift": DEFAULT_SHIFT}
     latent_format = QwenImageLatentFormat
     memory_usage_factor = 1.8
-    supported_inference_dtypes = [torch.bfloat16, torch.float32]
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
 
 _HostBase = getattr(comfy.model_base, "QwenImage", comfy.model_base.BaseModel)
@@ -184,32 +247,59 @@ class QwenImageHostModel(_HostBase):
 
 
 class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
-    """The host's ModelPatcher, aware of the dense weights GGUF layers hold - patched copies and the dequant-once
-    cache: they count in the model's size (so the host makes room for them before loading); patched copies are
-    dropped when it unpatches."""
+    """The host's ModelPatcher, patching GGUF layers per call: where the host would merge its patches (LoRA,
+    merges) into a GGUF layer's weight, the layer gets the host's patch list and applies it each time it dequantizes
+    the weight (:class:`.ops.DequantPatch`) - no dense patched copy.  What that keeps (the patch tensors, moved to
+    the device once) and the dense weights of the dequant-once cache count in the model's size (the host makes room
+    for them before loading) and, in partial loads, come out of the host's budget."""
+
+    _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # the host's record of a weight
 
     def model_size(self) -> int:
         if getattr(self, "_weights_size", None) is None:  # the packed weights themselves, measured once
             self._weights_size = comfy.model_management.module_size(self.model)
         return self._weights_size + self.patched_gguf_bytes() + self.gguf_cache_bytes()
 
+    def _gguf_layer(self, key: str) -> HostPatchable | None:
+        """The GGUF layer whose weight ``key`` names, if it is one."""
+        owner_name, _, leaf = key.rpartition(".")
+        if leaf != "weight" or not owner_name:
+            return None
+        try:
+            module = self.model.get_submodule(owner_name)
+        except AttributeError:
+            return None
+        return module if isinstance(module, HostPatchable) else None
+
     def patched_gguf_bytes(self) -> int:
-        """Memory of the dense copies GGUF layers hold once patched (bf16 on GPUs, fp32 on CPU)."""
-        per_value = 2 if self.load_device.type == "cuda" else 4
-        extra = 0
-        for key in self.patches:
-            owner_name, _, leaf = key.rpartition(".")
-            weight = getattr(self.model.get_submodule(owner_name), leaf, None) if owner_name else None
-            if isinstance(weight, QuantizedTensor):
-                extra += weight.logical_shape.numel() * per_value
-        return extra
+        """Memory the patches of GGUF layers keep on the device: their tensors (LoRA factors) in the compute dtype."""
+        dtype = self.model.diffusion_model.dtype
+        return sum(patch_bytes(patches, dtype) for key, patches in self.patches.items()
+                   if self._gguf_layer(key) is not None)
 
     def gguf_cache_bytes(self) -> int:
-        """Memory of the dense weights GGUF layers keep dequantized (the one-vector cache) in the compute dtype; a
-        patched layer uses its patched copy instead (counted by :meth:`patched_gguf_bytes`)."""
+        """Memory of the dense weights GGUF layers keep dequantized (the one-vector cache; patched, for a patched
+        layer) in the compute dtype."""
         dtype = self.model.diffusion_model.dtype
-        return sum(module.planned_cache_bytes(dtype) for name, module in self.model.named_modules()
-                   if isinstance(module, HostPatchable) and f"{name}.weight" not in self.patches)
+        return sum(module.planned_cache_bytes(dtype) for module in self.model.modules()
+                   if isinstance(module, HostPatchable))
+
+    def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
+        layer = self._gguf_layer(key) if key in self.patches else None
+        if layer is None:
+            return super().patch_weight_to_device(key, device_to, *args, **kwargs)
+        if key not in self.backup:  # as the host records one: restoring it (a new Parameter) drops the patch
+            self.backup[key] = self._Backup(layer.weight, False)
+        layer.set_patches(key, self.patches[key])
+        return None
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
+        # A full load counts model_size(); a partial one counts module sizes only: reserve our extras from its budget.
+        extra = 0 if full_load else min(lowvram_model_memory, self.patched_gguf_bytes() + self.gguf_cache_bytes())
+        result = super().load(device_to, lowvram_model_memory=lowvram_model_memory - extra,
+                              force_patch_weights=force_patch_weights, full_load=full_load, **kwargs)
+        self.model.model_loaded_weight_memory += extra
+        return result
 
     def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
         result = super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
