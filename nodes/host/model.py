@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,16 @@ def _warn_unhandled(kinds: set[str]) -> None:
         _warned.add(kind)
         logger.warning("Qwen-Image: the '%s' model patch has no counterpart in the Qwen-Image DiT and is ignored "
                        "(supported: patches_replace['dit'] double_block, patches double_block).", kind)
+
+
+def under_host_wrappers(model: torch.nn.Module, forward: Callable, args: tuple, options: dict,
+                        kwargs: dict) -> torch.Tensor:
+    """``forward(*args, options, **kwargs)`` under the host's DIFFUSION_MODEL wrappers (EasyCache ...), which find
+    the ``transformer_options`` as the last positional argument, as with core's models."""
+    if WrapperExecutor is None:
+        return forward(*args, options, **kwargs)
+    wrappers = get_all_wrappers(WrappersMP.DIFFUSION_MODEL, options)
+    return WrapperExecutor.new_class_executor(forward, model, wrappers).execute(*args, options, **kwargs)
 
 
 def _host_block_hook(options: dict, x: torch.Tensor):
@@ -165,14 +176,10 @@ class HostQwenImageDiT(QwenImageDiT):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, ref_latents: list[torch.Tensor] | None = None,
                 control=None, transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
-        """The host's call; runs :meth:`_forward` under the host's DIFFUSION_MODEL wrappers (they find the
-        ``transformer_options`` as the last positional argument, as with core's models)."""
+        """The host's call: :meth:`_forward` under the host's DIFFUSION_MODEL wrappers."""
         options = {} if transformer_options is None else transformer_options
-        if WrapperExecutor is None:
-            return self._forward(x, timesteps, context, attention_mask, ref_latents, control, options, **kwargs)
-        wrappers = get_all_wrappers(WrappersMP.DIFFUSION_MODEL, options)
-        return WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
-            x, timesteps, context, attention_mask, ref_latents, control, options, **kwargs)
+        return under_host_wrappers(self, self._forward, (x, timesteps, context, attention_mask, ref_latents, control),
+                                   options, kwargs)
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                  attention_mask: torch.Tensor | None, ref_latents: list[torch.Tensor] | None, control,

@@ -30,7 +30,8 @@ import comfy.model_management as mm
 from ...models import QWEN_IMAGE_2_1_LATENT, PrefixCache, QwenImage21DiT
 from .attention import with_host_attention
 from .components import HostTextEncoder, HostVAE, _progress_bar
-from .model import TEXT_ENCODER_KEY, QwenImageHostModel, QwenImageModelConfig, QwenImageModelPatcher
+from .model import (TEXT_ENCODER_KEY, QwenImageHostModel, QwenImageModelConfig, QwenImageModelPatcher,
+                    under_host_wrappers)
 
 logger = logging.getLogger("qwen_image")
 
@@ -128,6 +129,14 @@ class HostQwenImage21DiT(QwenImage21DiT):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 ref_latents: list[torch.Tensor] | None = None, image_slots: tuple[bool, ...] | None = None,
                 control=None, transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
+        """The host's call: :meth:`_forward` under the host's DIFFUSION_MODEL wrappers."""
+        options = {} if transformer_options is None else transformer_options
+        return under_host_wrappers(self, self._forward, (x, timesteps, context, ref_latents, image_slots, control),
+                                   options, kwargs)
+
+    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                 ref_latents: list[torch.Tensor] | None, image_slots: tuple[bool, ...] | None, control,
+                 options: dict, **kwargs) -> torch.Tensor:
         if context is not None and context.shape[-1] != self.config.context_dim:
             encoder = kwargs.get(TEXT_ENCODER_KEY)
             made_by = f" (made by the text encoder {encoder})" if encoder else ""
@@ -135,7 +144,6 @@ class HostQwenImage21DiT(QwenImage21DiT):
                 f"The prompt conditioning is {context.shape[-1]} wide{made_by}, but the Qwen-Image 2.1 diffusion "
                 f"model {self.source} reads {self.config.context_dim}-wide Qwen3-VL conditioning: encode with "
                 "Qwen-Image 2.1 Encode and a Qwen3-VL text encoder (Load Qwen-Image 2.1 Text Encoder).")
-        options = transformer_options or {}
         _warn_unsupported(set(options.get("patches") or {}) | set(options.get("patches_replace") or {})
                           | ({"ControlNet"} if control else set()))
         cache = self._prefix_cache(options.get(PREFIX_CACHE_OPTION, CACHE_ON_DEVICE))
