@@ -5,6 +5,10 @@ reference latents in the conditioning, read by the DiT as extra tokens with thei
 is sized by :func:`models.edit_geometry.policy_size` - aspect kept, a target area, sides multiples of 32 - and the
 target latent sits on the grid of the chosen reference, so nothing zooms or shifts; Restore Size maps the result
 back to the input's exact pixel size.
+
+The vision-language image follows the reference pipeline of the mode by default: the original Edit shows it the
+edit image itself, Edit-2509/2511 a 384x384-area copy resized like the reference (Pillow's Lanczos).  The vision
+tower runs once per image for both prompts, and each image is VAE-encoded once (the masked target reuses it).
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ import torch
 
 import comfy.model_management as mm
 
-from ..models import EDIT_PLUS_VL_AREA, QWEN_IMAGE_LATENT, REFERENCE_AREA, policy_size, resize_images, resize_mask
+from ..models import (EDIT_PLUS_VL_AREA, QWEN_IMAGE_LATENT, REFERENCE_AREA, lanczos_resize, policy_size,
+                      resize_images, resize_mask)
 from .common import CATEGORY, DEFAULT_NEGATIVE, IMAGE_LIST_TYPE, TEXT_ENCODER_TYPE, mappings
 
 MODE_EDIT = "Qwen-Image-Edit (one image)"
 MODE_EDIT_PLUS = "Qwen-Image-Edit-2509 / 2511 (one or more images)"
 AREAS = {"1024x1024 (reference)": REFERENCE_AREA, "native (the input's own size)": None,
          "512x512": 512 * 512, "768x768": 768 * 768, "1328x1328": 1328 * 1328}
+# Saved workflows store these strings: keep the older two as they are.
+VL_REFERENCE = "reference (per mode)"
 VL_SAME = "same as the references"
 VL_EDIT_PLUS = "384x384 (Edit-2509 reference)"
 LATENT_FROM = ("last image", "first image")
@@ -30,6 +37,10 @@ AREA_TOOLTIP = ("Pixel area every image is scaled to, aspect kept, sides multipl
 # Sizes are whole DiT tokens: the size multiple is a multiple of one token's side in pixels.
 SIZE_STEP = QWEN_IMAGE_LATENT.pixel_multiple
 MULTIPLE_TOOLTIP = f"Every side is a multiple of this (32 like the reference; must be a multiple of {SIZE_STEP})."
+VL_TOOLTIP = ("Size of the images Qwen2.5-VL sees. 'reference' follows the mode's reference pipeline: the original "
+              "Edit sees the edit image itself (the area above), Edit-2509/2511 a 384x384-area copy (sides multiples "
+              "of 32, resized like the reference), which is also 7x fewer VL tokens than 1024x1024. 'same as the "
+              "references': the VAE images' size. '384x384': that area at the size multiple, with this pack's resize.")
 
 
 def _image_list(image: torch.Tensor, more: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -43,21 +54,33 @@ def _sized(image: torch.Tensor, area: int | None, multiple: int) -> torch.Tensor
     return resize_images(image, width, height)
 
 
-def _target_latent(reference: torch.Tensor, vae=None, mask: torch.Tensor | None = None) -> dict:
+def _target_latent(reference: torch.Tensor, mask: torch.Tensor | None = None,
+                   samples: torch.Tensor | None = None) -> dict:
     """The LATENT to sample into, on the grid of ``reference`` (an already policy-sized image).
 
-    Without a mask: zeros.  With a mask: the reference's own latent plus a noise mask, so the host's samplers
-    blend the outside back in at every step and only the masked area is edited.
+    Without a mask: zeros.  With a mask: ``samples`` (the reference's own latent) plus a noise mask, so the host's
+    samplers blend the outside back in at every step and only the masked area is edited.
     """
     if mask is None:
         return {"samples": QWEN_IMAGE_LATENT.empty(1, reference.shape[2], reference.shape[1], mm.intermediate_device())}
-    if vae is None:
+    if samples is None:
         raise ValueError("a mask needs the VAE (the unmasked area is kept from the image's latent)")
-    samples = vae.encode(reference)
     width, height = QWEN_IMAGE_LATENT.latent_size(reference.shape[2], reference.shape[1])
     # one mask for the batch, on the latent grid, with the samples' axes: [1, 1, (frame,) height, width]
     noise_mask = resize_mask(mask, width, height)[:1].reshape(1, 1, *samples.shape[2:])
     return {"samples": samples, "noise_mask": noise_mask}
+
+
+def _vl_images(images: list[torch.Tensor], references: list[torch.Tensor], mode: str, vl_area: str,
+               size_multiple: int) -> list[torch.Tensor]:
+    """The ``[H,W,3]`` images Qwen2.5-VL sees, by the ``vl_area`` choice (see ``VL_TOOLTIP``)."""
+    if vl_area == VL_SAME or (vl_area == VL_REFERENCE and mode == MODE_EDIT):
+        sized = references
+    elif vl_area == VL_EDIT_PLUS:
+        sized = [_sized(img, EDIT_PLUS_VL_AREA, size_multiple) for img in images]
+    else:  # diffusers' Edit-2509/2511: 384x384 area, sides multiples of 32, Lanczos from the input image
+        sized = [lanczos_resize(img, *policy_size(img.shape[2], img.shape[1], EDIT_PLUS_VL_AREA)) for img in images]
+    return [img[0] for img in sized]
 
 
 class EditEncode:
@@ -92,9 +115,7 @@ class EditEncode:
                     "tooltip": "Edit-2509/2511 take any number of images ('Picture i:' prompt); the original "
                                "Qwen-Image-Edit takes exactly one."}),
                 "area": (list(AREAS), {"default": "1024x1024 (reference)", "tooltip": AREA_TOOLTIP}),
-                "vl_area": ([VL_SAME, VL_EDIT_PLUS], {
-                    "tooltip": "Size of the images Qwen2.5-VL sees. 'same' keeps every branch on one size; the "
-                               "Edit-2509 pipeline uses 384x384 for several images."}),
+                "vl_area": ([VL_REFERENCE, VL_SAME, VL_EDIT_PLUS], {"tooltip": VL_TOOLTIP}),
                 "size_multiple": ("INT", {"default": 32, "min": SIZE_STEP, "max": 128, "step": SIZE_STEP,
                                           "tooltip": MULTIPLE_TOOLTIP}),
                 "latent_from": (list(LATENT_FROM), {
@@ -120,21 +141,15 @@ class EditEncode:
             raise ValueError(f"Qwen-Image-Edit takes exactly one image, got {len(images)}; choose the "
                              "Edit-2509 / 2511 mode for several.")
         template = "edit" if mode == MODE_EDIT else "edit_plus"
-        target_area = AREAS[area]
-        references = [_sized(img, target_area, size_multiple) for img in images]
-        if vl_area == VL_SAME:
-            vl_images = references
-        else:
-            vl_images = [_sized(img, EDIT_PLUS_VL_AREA, size_multiple) for img in images]
+        references = [_sized(img, AREAS[area], size_multiple) for img in images]
         latents = [vae.encode(ref) for ref in references]
-        vl = [img[0] for img in vl_images]
-        positive = text_encoder.encode(prompt, images=vl, template=template)
-        negative = text_encoder.encode(negative_prompt, images=vl, template=template)
-        chosen = references[-1] if latent_from == LATENT_FROM[0] else references[0]
-        sized = references if len({r.shape for r in references}) == 1 else [chosen]
+        vl = _vl_images(images, references, mode, vl_area, size_multiple)
+        positive, negative = text_encoder.encode_prompts([prompt, negative_prompt], images=vl, template=template)
+        chosen = -1 if latent_from == LATENT_FROM[0] else 0
+        sized = references if len({r.shape for r in references}) == 1 else [references[chosen]]
         return (text_encoder.conditioning(positive, reference_latents=latents),
                 text_encoder.conditioning(negative, reference_latents=latents),
-                _target_latent(chosen, vae, mask), torch.cat(sized))
+                _target_latent(references[chosen], mask, latents[chosen]), torch.cat(sized))
 
 
 class EditLatent:
@@ -164,7 +179,9 @@ class EditLatent:
     def latent(self, image, area: str, size_multiple: int, vae=None, mask=None):
         if image.shape[0] == 0:
             raise ValueError(f"image: {EMPTY_BATCH}")
-        return (_target_latent(_sized(image[:1, ..., :3], AREAS[area], size_multiple), vae, mask),)
+        reference = _sized(image[:1, ..., :3], AREAS[area], size_multiple)
+        samples = vae.encode(reference) if mask is not None and vae is not None else None
+        return (_target_latent(reference, mask, samples),)
 
 
 class ImageList:

@@ -1,4 +1,5 @@
-"""The edit size policy: consistent sizes for every branch, and no translation or edge copy on the round trip."""
+"""The edit size policy: consistent sizes for every branch, and no translation or edge copy on the round trip;
+the reference pipelines' Lanczos resize, bit for bit."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
 from models.common.image_sizing import resize_images
-from models.qwen_image.edit_geometry import REFERENCE_AREA, latent_size, policy_size
+from models.qwen_image.edit_geometry import REFERENCE_AREA, lanczos_resize, latent_size, policy_size
 from tiny_models.images import photo_like
 
 SIZES = [(1000, 750), (1328, 800), (777, 1231), (4000, 3000), (512, 2048), (640, 480), (1, 1)]
@@ -74,3 +75,23 @@ def test_impossible_sizes_are_refused():
         policy_size(0, 10)
     with pytest.raises(ValueError, match="multiple of 16 "):
         policy_size(100, 100, multiple=24)
+
+
+@pytest.mark.parametrize("size,target", [((1024, 1024), (384, 384)), ((1184, 896), (448, 320)),
+                                         ((777, 1231), (320, 480)), ((300, 200), (1024, 704)), ((64, 64), (64, 32)),
+                                         ((13, 7), (5, 3)), ((4000, 3000), (448, 320))])
+def test_lanczos_resize_equals_pillow(size, target):
+    """The reference pipelines' resize (PIL Lanczos via VaeImageProcessor.resize), bit for bit, both directions."""
+    from PIL import Image
+
+    width, height = size
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(pixels).resize(target, resample=Image.LANCZOS))
+    ours = lanczos_resize(torch.from_numpy(pixels)[None].float() / 255.0, *target)
+    assert ours.shape == (1, target[1], target[0], 3) and ours.dtype == torch.float32
+    assert np.array_equal((ours[0] * 255.0).round().to(torch.uint8).numpy(), expected)
+
+
+def test_lanczos_resize_keeps_an_unchanged_size():
+    image = torch.from_numpy(photo_like(96, 64, seed=2))[None]
+    assert torch.equal(lanczos_resize(image, 96, 64), (image * 255.0).round() / 255.0)

@@ -17,6 +17,7 @@ from test_t2i_host import normalized_packed, read_latent, save_latent
 EDIT_PLUS = "Qwen-Image-Edit-2509 / 2511 (one or more images)"
 EDIT_ONE = "Qwen-Image-Edit (one image)"
 NATIVE = "native (the input's own size)"
+REFERENCE = "1024x1024 (reference)"
 
 
 def _add_images(host, sizes: list[tuple[int, int]], seed: int) -> list[str]:
@@ -27,7 +28,8 @@ def _add_images(host, sizes: list[tuple[int, int]], seed: int) -> list[str]:
 
 
 def edit_graph(names: list[str], *, model: str, mode: str, prompt: str, steps: int, seed: int,
-               area: str = NATIVE, use_list: bool = False, mask_from: str | None = None) -> dict:
+               area: str = NATIVE, use_list: bool = False, mask_from: str | None = None,
+               vl_area: str = "reference (per mode)") -> dict:
     """Edit Encode over the images, reference sampling (true CFG 4, our scheduler, euler), final latent saved."""
     graph = {
         "dit": {"class_type": "QIP_DiffusionModelLoader", "inputs": {
@@ -38,7 +40,7 @@ def edit_graph(names: list[str], *, model: str, mode: str, prompt: str, steps: i
                                                           "weight_dtype": "auto"}},
         "encode": {"class_type": "QIP_EditEncode", "inputs": {
             "text_encoder": ["te", 0], "vae": ["vae", 0], "prompt": prompt, "negative_prompt": " ", "mode": mode,
-            "area": area, "vl_area": "same as the references", "size_multiple": 32, "latent_from": "last image"}},
+            "area": area, "vl_area": vl_area, "size_multiple": 32, "latent_from": "last image"}},
         "cfg": {"class_type": "QIP_TrueCFG", "inputs": {"model": ["dit", 0]}},
         "sigmas": {"class_type": "QIP_Scheduler", "inputs": {
             "model": ["cfg", 0], "latent": ["encode", 2], "steps": steps, "denoise": 1.0,
@@ -88,40 +90,33 @@ def _reference_parts(models_dir, dit_file: str):
 
 
 @pytest.mark.parametrize("case", ["edit", "edit_plus_2511"])
-def test_edit_final_latent_equals_the_diffusers_pipeline(host, host_models_dir, monkeypatch, case):
+def test_edit_final_latent_equals_the_diffusers_pipeline(host, host_models_dir, case):
     from PIL import Image
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
-    # Small images whose size is already on the policy grid at their own area, so neither side resizes: the
-    # reference pipelines are patched to that area (they hard-code 1024x1024 / 384x384).
-    sizes = [(256, 192)] if case == "edit" else [(256, 192), (192, 256)]
-    area = 256 * 192
+    # The reference pipelines at their own sizes: a 1024x1024 area for the VAE (and the original Edit's VL image),
+    # 384x384 for Edit-2509/2511's VL image.  The inputs lie on the 1024x1024 grid, so only that VL image is
+    # resized, and both sides resize it with Pillow's Lanczos.
+    sizes = [(1184, 896)] if case == "edit" else [(1024, 1024), (896, 1184)]
     names = _add_images(host, sizes, seed=40 if case == "edit" else 50)
     dit_file = "qwen_image_bf16.safetensors" if case == "edit" else "qwen_image_edit_2511_bf16.safetensors"
     prompt, steps, seed = "Make the sky orange and add a small red boat.", 3, 77
     graph = edit_graph(names, model=dit_file, mode=EDIT_ONE if case == "edit" else EDIT_PLUS, prompt=prompt,
-                       steps=steps, seed=seed)
+                       steps=steps, seed=seed, area=REFERENCE)
     ours = normalized_packed(read_latent(host.run(graph)))
 
     parts = _reference_parts(host_models_dir, dit_file)
     scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
     images = [Image.open(host.input_dir / name).convert("RGB") for name in names]
     if case == "edit":
-        original = pipeline_qwenimage_edit.calculate_dimensions
-        monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda _, ratio: original(area, ratio))
-        pipe = QwenImageEditPipeline(scheduler=scheduler, **parts)
-        image_arg = images[0]
+        pipe, image_arg = QwenImageEditPipeline(scheduler=scheduler, **parts), images[0]
     else:
-        monkeypatch.setattr(pipeline_qwenimage_edit_plus, "CONDITION_IMAGE_SIZE", area)
-        monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", area)
-        pipe = QwenImageEditPlusPipeline(scheduler=scheduler, **parts)
-        image_arg = images
-    width, height = sizes[-1]  # the output takes the last image's grid
+        pipe, image_arg = QwenImageEditPlusPipeline(scheduler=scheduler, **parts), images
+    width, height = sizes[-1]  # the pipelines' own output size: the last image's, on the 1024x1024 grid
     noise = torch.randn([1, 16, 1, height // 8, width // 8], generator=torch.manual_seed(seed))
     with torch.no_grad(), passing_token_types(pipe.text_encoder):
-        reference = pipe(image=image_arg, prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0, height=height,
-                         width=width, num_inference_steps=steps, latents=pack(noise), output_type="latent").images
+        reference = pipe(image=image_arg, prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0,
+                         num_inference_steps=steps, latents=pack(noise), output_type="latent").images
     assert ours.shape == reference.shape
     error = (ours - reference).abs().max().item()
     print(f"{case}: max abs error vs diffusers {error:.2e}")

@@ -157,6 +157,55 @@ def test_template_errors(encoder):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Several prompts with the same images; progress and interrupts per decoder layer
+# ---------------------------------------------------------------------------------------------------------------
+def _counting(module: torch.nn.Module, calls: list) -> torch.utils.hooks.RemovableHandle:
+    return module.register_forward_hook(lambda _module, _args, _out: calls.append(1))
+
+
+def test_prompts_sharing_images_run_the_vision_tower_once_per_image(encoder):
+    images = _floats(_images([(28 * 6, 28 * 4), (56, 84)], seed=13))
+    prompts = [PROMPT, " ", "Picture 2 only."]
+    calls = []
+    handle = _counting(encoder.model.visual, calls)
+    try:
+        together = encoder.encode_prompts(prompts, images, template="edit_plus")
+        assert len(calls) == len(images)
+        separate = [encoder.encode(prompt, images, template="edit_plus") for prompt in prompts]
+        assert len(calls) == len(images) * (1 + len(prompts))
+    finally:
+        handle.remove()
+    for (emb, mask), (expected, expected_mask) in zip(together, separate):
+        assert torch.equal(emb, expected) and torch.equal(mask, expected_mask)
+
+
+def test_progress_is_reported_once_per_decoder_layer(encoder):
+    updates = []
+    images = _floats(_images([(56, 56)], seed=14))
+    encoder.encode_prompts([PROMPT, " "], images, template="edit", progress=lambda *update: updates.append(update))
+    layers = len(encoder.model.model.layers)
+    assert updates == [(done, 2 * layers) for done in range(1, 2 * layers + 1)]
+
+
+def test_raising_from_the_progress_callback_stops_encoding(encoder):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(done: int, total: int) -> None:
+        raise Interrupted
+
+    calls = []
+    handles = [_counting(layer, calls) for layer in encoder.model.model.layers]
+    try:
+        with pytest.raises(Interrupted):
+            encoder.encode(PROMPT, template="t2i", progress=interrupt)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 1  # the first layer ran; the rest never did
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Parity with the diffusers pipelines' prompt encoding
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from ...models import QWEN_IMAGE_LATENT, QwenImageVAE, TextEncoder
+from .attention import with_host_attention
 from .model import TEXT_ENCODER_KEY
 
 SPATIAL_FACTOR = QWEN_IMAGE_LATENT.spatial_factor
@@ -101,7 +102,7 @@ class HostVAE:
         self._load(self.first_stage_model.estimate_decode_bytes(
             samples.shape[0], samples.shape[-2] * SPATIAL_FACTOR, samples.shape[-1] * SPATIAL_FACTOR))
         images = self.first_stage_model.decode(samples, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
-                                               progress=_progress_bar())
+                                               progress=_progress_bar(), options=with_host_attention())
         return images.to(mm.intermediate_device())
 
     def encode(self, pixels: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
@@ -109,7 +110,7 @@ class HostVAE:
         pixels = self.vae_encode_crop_pixels(pixels[..., :self.output_channels])
         self._load(self.first_stage_model.estimate_encode_bytes(pixels.shape[0], pixels.shape[1], pixels.shape[2]))
         latent = self.first_stage_model.encode(pixels, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
-                                               progress=_progress_bar())
+                                               progress=_progress_bar(), options=with_host_attention())
         if QWEN_IMAGE_LATENT.frame_axis:
             latent = latent.unsqueeze(2)
         return latent.to(mm.intermediate_device())
@@ -140,10 +141,16 @@ class HostTextEncoder:
 
     def encode(self, prompt: str, images: list[torch.Tensor] | None = None, template: str = "t2i") -> torch.Tensor:
         """Embeddings ``[1, L, hidden]`` (float32, on the host's intermediate device)."""
+        return self.encode_prompts([prompt], images, template)[0]
+
+    def encode_prompts(self, prompts: list[str], images: list[torch.Tensor] | None = None,
+                       template: str = "t2i") -> list[torch.Tensor]:
+        """:meth:`encode` for several prompts with the same images, the vision tower running once per image; a
+        progress bar over the decoder layers, and the host's interrupt honoured after every layer."""
         mm.load_models_gpu([self.patcher])
         self.encoder.device = self.patcher.load_device
-        emb, _ = self.encoder.encode(prompt, images=images, template=template)
-        return emb.float().to(mm.intermediate_device())
+        encoded = self.encoder.encode_prompts(prompts, images=images, template=template, progress=_progress_bar())
+        return [emb.float().to(mm.intermediate_device()) for emb, _ in encoded]
 
     def conditioning(self, embeddings: torch.Tensor, **options) -> list:
         """The host's CONDITIONING for embeddings of this encoder; it carries the encoder's file name, so a diffusion

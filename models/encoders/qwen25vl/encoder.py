@@ -4,6 +4,7 @@
 
     te = load_qwen25vl(path, templates, tokenizer=None, dtype=torch.float32, device="cpu", ops=None)
     emb, mask = te.encode(prompt, images=None, template="t2i")   # emb [1, L, hidden], mask [1, L] (int64 ones)
+    (pos, _), (neg, _) = te.encode_prompts([prompt, negative], images, template="edit_plus")  # vision once
 
 A family folder binds the encoder to its templates (:func:`models.qwen_image.text_encoder.load_text_encoder`).
 The embeddings keep everything after the template's dropped prefix.  Image tokens get Qwen2.5-VL's 3D (M-RoPE)
@@ -40,6 +41,7 @@ import torch
 
 from ...common.attention import Options
 from ...common.ops import CastOps
+from ...common.tiled_vae import Progress
 from ...io.loading import materialize, open_weights
 from ...io.weights import WeightFileError
 from ...registry import expect
@@ -72,37 +74,54 @@ class TextEncoder(PromptEncoder):
     def has_vision(self) -> bool:
         return self.model.visual is not None
 
-    @torch.no_grad()
     def encode(self, prompt: str, images: Sequence[torch.Tensor] | torch.Tensor | None = None,
-               template: str | PromptTemplate = "t2i", options: Options | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               template: str | PromptTemplate = "t2i", options: Options | None = None,
+               progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition embeddings for ``prompt`` and optional reference images.
 
         ``images``: ``[H, W, 3]`` float tensors in 0..1 at the size the vision tower should see (sides that are
         not multiples of 28 are resized, see :mod:`models.encoders.vision_preprocess`).  ``template``: a
         :class:`PromptTemplate` or the name of one of the family's :attr:`templates` (Qwen-Image: ``"t2i"`` takes
         no images, ``"edit"`` exactly one, ``"edit_plus"`` any number, "Picture i:" each).
-        ``options``: run options for the attention (see :mod:`models.common.attention`).
+        ``options``: run options for the attention (see :mod:`models.common.attention`).  ``progress(done,
+        total)``: called after every decoder layer; whatever it raises stops the encoding there.
         Returns ``(emb [1, L, hidden] in the encoder dtype, mask [1, L] int64 ones)``.
         """
+        return self.encode_prompts([prompt], images, template, options, progress)[0]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], images: Sequence[torch.Tensor] | torch.Tensor | None = None,
+                       template: str | PromptTemplate = "t2i", options: Options | None = None,
+                       progress: Progress | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`encode` for several prompts with the same images (a positive and a negative prompt): the vision
+        tower runs once per image for all of them.  ``progress`` counts the decoder layers of all prompts."""
         images = self._image_list(images)
         spec = resolve_template(self.templates, template, len(images))
         if images and not self.has_vision:
             raise WeightFileError("This text encoder was loaded without a vision tower, so it encodes prompts but "
                                   f"not images: {self.missing_vision}")
 
-        ids, pads = self._prompt_ids(spec, prompt, len(images))
+        tokenized = [self._prompt_ids(spec, prompt, len(images)) for prompt in prompts]  # checked before any work
         features, grids = [], []
         for image in images:  # each placeholder becomes the image's merged tokens
             patches, grid = preprocess_image(image.to(self.device))
             features.append(self.model.visual(patches, grid, dtype=self.dtype, options=options))
             merge = self.model.visual.config.spatial_merge_size
             grids.append((grid[0] // merge, grid[1] // merge))
-        embeds, spans = self._embed_prompt(ids, pads, features, grids)
-        positions = mrope_positions(len(embeds), spans).to(self.device)
-        hidden = self.model.model(embeds[None], positions, options)
-        emb = hidden[:, spec.drop_count(self.tokenizer.encode):]
-        return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)
+        drop = spec.drop_count(self.tokenizer.encode)
+        layers = len(self.model.model.layers)
+        results = []
+        for index, (ids, pads) in enumerate(tokenized):
+            embeds, spans = self._embed_prompt(ids, pads, features, grids)
+            positions = mrope_positions(len(embeds), spans).to(self.device)
+
+            def step(done: int, _total: int, before: int = index * layers) -> None:
+                progress(before + done, layers * len(tokenized))
+
+            hidden = self.model.model(embeds[None], positions, options, None if progress is None else step)
+            emb = hidden[:, drop:]
+            results.append((emb, torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)))
+        return results
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...common.attention import Options
 from ...common.ops import CastOps
+from ...common.tiled_vae import Progress
 from ..blocks import (DecoderConfig, DecoderLayer, GatedMLP, PatchEmbed, VisionBlock, chunk_groups, inverse_frequencies,
                       mrope_positions, vision_rotary)
 
@@ -92,12 +93,18 @@ class LanguageModel(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, options: Options | None = None) -> torch.Tensor:
-        """``embeds`` ``[B, L, hidden]`` (already in the compute dtype), ``positions`` ``[3, L]`` -> ``[B, L, hidden]``."""
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, options: Options | None = None,
+                progress: Progress | None = None) -> torch.Tensor:
+        """``embeds`` ``[B, L, hidden]`` (already in the compute dtype), ``positions`` ``[3, L]`` -> ``[B, L, hidden]``.
+
+        ``progress(done, total)`` is called after each layer; an exception it raises (a host's interrupt) stops
+        the stack there."""
         cos, sin = self.rotary(positions.to(embeds.device))
         x = embeds
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, options)
+            if progress is not None:
+                progress(index + 1, len(self.layers))
         return self.norm(x)
 
 
