@@ -149,7 +149,8 @@ class HostTextEncoder:
         progress bar over the decoder layers, and the host's interrupt honoured after every layer."""
         mm.load_models_gpu([self.patcher])
         self.encoder.device = self.patcher.load_device
-        encoded = self.encoder.encode_prompts(prompts, images=images, template=template, progress=_progress_bar())
+        encoded = self.encoder.encode_prompts(prompts, images=images, template=template, progress=_progress_bar(),
+                                              options=with_host_attention())
         return [emb.float().to(mm.intermediate_device()) for emb, _ in encoded]
 
     def conditioning(self, embeddings: torch.Tensor, **options) -> list:

@@ -253,6 +253,7 @@ class HostTextEncoder21(HostTextEncoder):
         device and the image mask on the CPU."""
         mm.load_models_gpu([self.patcher])
         self.encoder.device = self.patcher.load_device
-        condition = self.encoder.encode(prompt, images=images, template=template)
+        condition = self.encoder.encode(prompt, images=images, template=template, options=with_host_attention(),
+                                        progress=_progress_bar())
         return condition._replace(embeds=condition.embeds.float().to(mm.intermediate_device()),
                                   image_mask=condition.image_mask.cpu())

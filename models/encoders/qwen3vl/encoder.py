@@ -50,6 +50,7 @@ import torch
 
 from ...common.attention import Options
 from ...common.ops import CastOps
+from ...common.tiled_vae import Progress
 from ...io.loading import materialize, open_weights
 from ...io.weights import WeightFileError
 from ...registry import identify, refusal
@@ -108,7 +109,8 @@ class Qwen3VLEncoder(PromptEncoder):
 
     @torch.no_grad()
     def encode(self, prompt: str, images: Sequence[torch.Tensor] | torch.Tensor | None = None,
-               template: str | PromptTemplate = "default", options: Options | None = None) -> Qwen3VLCondition:
+               template: str | PromptTemplate = "default", options: Options | None = None,
+               progress: Progress | None = None) -> Qwen3VLCondition:
         """Condition embeddings for ``prompt`` and optional condition images.
 
         ``images``: ``[H, W, 3]`` (or RGBA ``[H, W, 4]``, composited over white) float tensors in 0..1, or a
@@ -116,6 +118,7 @@ class Qwen3VLEncoder(PromptEncoder):
         256^2..4096^2 pixels are kept, others resized like the Qwen3-VL processor; one token per 32 x 32 pixels.
         ``template``: a :class:`PromptTemplate` or the name of one of the family's :attr:`templates`.
         ``options``: run options for every attention call (see :mod:`models.common.attention`).
+        ``progress(done, total)``: called after each decoder layer.
         Returns :class:`Qwen3VLCondition` ``(embeds, mask, image_mask, image_grids)``.
         """
         images = [_over_white(image) for image in self._image_list(images)]
@@ -139,7 +142,7 @@ class Qwen3VLEncoder(PromptEncoder):
             image_mask[start:start + rows * cols] = True
         per_layer = [torch.cat(features) for features in zip(*deepstack)]  # all images' tokens, per merger
         positions = mrope_positions(len(embeds), spans).to(self.device)
-        hidden = self.model.model(embeds[None], positions, image_mask, per_layer, options)
+        hidden = self.model.model(embeds[None], positions, image_mask, per_layer, options, progress)
         drop = spec.drop_count(self.tokenizer.encode)
         emb = hidden[:, drop:]
         return Qwen3VLCondition(emb, torch.ones(emb.shape[:2], dtype=torch.long, device=self.device),

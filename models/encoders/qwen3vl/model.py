@@ -31,6 +31,7 @@ from torch import nn
 
 from ...common.attention import Options
 from ...common.ops import CastOps
+from ...common.tiled_vae import Progress
 from ..blocks import (DecoderConfig, DecoderLayer, PatchEmbed, VisionBlock, chunk_groups, inverse_frequencies,
                       merge_window_coords, vision_rotary)
 
@@ -118,16 +119,20 @@ class LanguageModel(nn.Module):
         return angles.cos(), angles.sin()
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, image_mask: torch.Tensor | None = None,
-                deepstack: Sequence[torch.Tensor] = (), options: Options | None = None) -> torch.Tensor:
+                deepstack: Sequence[torch.Tensor] = (), options: Options | None = None,
+                progress: Progress | None = None) -> torch.Tensor:
         """``embeds [B, L, hidden]`` (in the compute dtype), ``positions [3, L]``; ``image_mask [L]`` bool marks
         the image tokens, which get ``deepstack[k] [n_image_tokens, hidden]`` added after layer ``k``.
-        Returns ``[B, L, hidden]``, the last layer's output (no final norm)."""
+        ``progress(done, total)`` is called after each layer (an exception it raises, a host's interrupt, stops
+        encoding).  Returns ``[B, L, hidden]``, the last layer's output (no final norm)."""
         cos, sin = self.rotary(positions.to(embeds.device))
         x = embeds
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, options)
             if index < len(deepstack):
                 x[:, image_mask] += deepstack[index].to(x.dtype)
+            if progress is not None:
+                progress(index + 1, len(self.layers))
         return x
 
 
