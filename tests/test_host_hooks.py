@@ -158,3 +158,14 @@ def test_torch_compile_model_runs_compiled(host, tmp_path, weight_dtype):
     tolerance = 1e-4 if weight_dtype == "fp32" else 3e-2
     error = ((results[True] - results[False]).norm() / results[False].norm()).item()
     assert error < tolerance, f"compiled vs eager ({weight_dtype}): relative error {error:.2e}"
+
+
+def test_the_2_1_model_runs_under_the_host_wrappers(host, tmp_path):
+    from test_qwen_image_2_1_host import graph_2_1
+
+    record = tmp_path / "dit.jsonl"
+    graph = graph_2_1([], prompt="a red fox", negative="", steps=3, seed=1, cfg=1.0, size=(128, 128))
+    _insert(graph, "QIPTest_RecordDiT", path=str(record))
+    host.run(graph)
+    calls = _lines(record)
+    assert len(calls) == 3 and all(call["options_last"] for call in calls)  # one call per step at CFG 1
