@@ -29,6 +29,7 @@ _EXPORTS = {
     "WeightFileError": ".io.weights",
     "FLOAT8_DTYPES": ".io.weights",
     "open_checkpoint": ".io.weights",
+    "load_progress": ".io.loading",
     # either family, by the file (family= pins one)
     "load_diffusion_model": ".registry",
     "load_vae": ".registry",

@@ -210,3 +210,26 @@ def test_unpinned_wrong_files_are_named_by_their_family_s_loader(files, tmp_path
     save_file({"double_blocks.0.img_attn.proj.weight": torch.zeros(4, 4)}, str(flux))
     with pytest.raises(WeightFileError, match="this is a Flux diffusion model, not a Qwen-Image diffusion model"):
         load_diffusion_model(flux)
+
+
+def test_load_progress_reports_every_model_loaded_in_its_context(tmp_path):
+    from models import load_progress
+
+    path = make_dit(tmp_path, dtype="fp32", seed=5)
+    calls: list[tuple[int, int]] = []
+    with load_progress(lambda done, total: calls.append((done, total))):
+        dit = load_diffusion_model(path)
+    tensors = len(dict(dit.named_parameters()))
+    assert calls and calls[-1] == (tensors, tensors)  # ends at every tensor read
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    load_diffusion_model(path)  # outside the context: nothing more reported
+    assert calls[-1] == (tensors, tensors) and len(calls) == len(set(calls))
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(done: int, total: int) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted), load_progress(interrupt):
+        load_diffusion_model(path)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,7 +36,9 @@ class _Managed(nn.Module):
         self.module = module
 
 
-def _progress_bar(total_hint: int = 1):
+def progress_bar(total_hint: int = 1) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback driving the host's progress bar of the running node; it raises the
+    host's interrupt exception when the user cancels."""
     bar = comfy.utils.ProgressBar(total_hint)
 
     def update(done: int, total: int) -> None:
@@ -102,7 +105,7 @@ class HostVAE:
         self._load(self.first_stage_model.estimate_decode_bytes(
             samples.shape[0], samples.shape[-2] * SPATIAL_FACTOR, samples.shape[-1] * SPATIAL_FACTOR))
         images = self.first_stage_model.decode(samples, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
-                                               progress=_progress_bar(), options=with_host_attention())
+                                               progress=progress_bar(), options=with_host_attention())
         return images.to(mm.intermediate_device())
 
     def encode(self, pixels: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
@@ -110,7 +113,7 @@ class HostVAE:
         pixels = self.vae_encode_crop_pixels(pixels[..., :self.output_channels])
         self._load(self.first_stage_model.estimate_encode_bytes(pixels.shape[0], pixels.shape[1], pixels.shape[2]))
         latent = self.first_stage_model.encode(pixels, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
-                                               progress=_progress_bar(), options=with_host_attention())
+                                               progress=progress_bar(), options=with_host_attention())
         if QWEN_IMAGE_LATENT.frame_axis:
             latent = latent.unsqueeze(2)
         return latent.to(mm.intermediate_device())
@@ -149,7 +152,7 @@ class HostTextEncoder:
         progress bar over the decoder layers, and the host's interrupt honoured after every layer."""
         mm.load_models_gpu([self.patcher])
         self.encoder.device = self.patcher.load_device
-        encoded = self.encoder.encode_prompts(prompts, images=images, template=template, progress=_progress_bar(),
+        encoded = self.encoder.encode_prompts(prompts, images=images, template=template, progress=progress_bar(),
                                               options=with_host_attention())
         return [emb.float().to(mm.intermediate_device()) for emb, _ in encoded]
 

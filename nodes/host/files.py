@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import folder_paths
 
-from ...models import WeightFileError
+from ...models import WeightFileError, load_progress
+from .components import progress_bar
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 GGUF_EXTENSION = ".gguf"
@@ -108,10 +109,12 @@ def resolve(folder: str, name: str) -> str:
 
 @contextlib.contextmanager
 def chosen_file(folder: str, input_name: str, name: str) -> Iterator[str]:
-    """The path of the file (or folder) a loader's ``input_name`` chose; a :class:`WeightFileError` raised while
-    it is used (wrong model, damaged or incomplete file) names that input, so the user knows which widget to change."""
+    """The path of the file (or folder) a loader's ``input_name`` chose, for loading it: the host's progress bar
+    follows the load (interrupts honoured), and a :class:`WeightFileError` raised meanwhile (wrong model, damaged
+    or incomplete file) names that input, so the user knows which widget to change."""
     path = resolve(folder, name)
     try:
-        yield path
+        with load_progress(progress_bar()):
+            yield path
     except WeightFileError as e:
         raise type(e)(f"{input_name}: {e}") from None

@@ -29,7 +29,7 @@ import comfy.model_management as mm
 
 from ...models import QWEN_IMAGE_2_1_LATENT, PrefixCache, QwenImage21DiT
 from .attention import with_host_attention
-from .components import HostTextEncoder, HostVAE, _progress_bar
+from .components import HostTextEncoder, HostVAE, progress_bar
 from .model import (TEXT_ENCODER_KEY, QwenImageHostModel, QwenImageModelConfig, QwenImageModelPatcher,
                     under_host_wrappers)
 
@@ -235,14 +235,14 @@ class HostVAE21(HostVAE):
         self._load(self.first_stage_model.estimate_decode_bytes(
             samples.shape[0], *(side * SPATIAL_FACTOR for side in samples.shape[-2:])))
         return self.first_stage_model.decode(samples, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
-                                             progress=_progress_bar()).to(mm.intermediate_device())
+                                             progress=progress_bar()).to(mm.intermediate_device())
 
     def encode(self, pixels: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
                tile_overlap: int | None = None) -> torch.Tensor:
         pixels = self.vae_encode_crop_pixels(pixels[..., :self.output_channels])
         self._load(self.first_stage_model.estimate_encode_bytes(*pixels.shape[:3]))
         return self.first_stage_model.encode(pixels, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap,
-                                             progress=_progress_bar()).to(mm.intermediate_device())
+                                             progress=progress_bar()).to(mm.intermediate_device())
 
 
 class HostTextEncoder21(HostTextEncoder):
@@ -254,6 +254,6 @@ class HostTextEncoder21(HostTextEncoder):
         mm.load_models_gpu([self.patcher])
         self.encoder.device = self.patcher.load_device
         condition = self.encoder.encode(prompt, images=images, template=template, options=with_host_attention(),
-                                        progress=_progress_bar())
+                                        progress=progress_bar())
         return condition._replace(embeds=condition.embeds.float().to(mm.intermediate_device()),
                                   image_mask=condition.image_mask.cpu())
