@@ -30,6 +30,14 @@ _EXPORTS = {
     "FLOAT8_DTYPES": ".io.weights",
     "open_checkpoint": ".io.weights",
     "load_progress": ".io.loading",
+    # per-layer quantization markers of mixed-precision ("comfy_quant") checkpoints
+    "SafetensorsCheckpoint": ".io.weights",
+    "FLOAT8_FORMATS": ".io.weights",
+    "QUANT_MARKER": ".io.weights",
+    "quant_config": ".io.weights",
+    "quant_marker": ".io.weights",
+    "COMFY_DIT_PREFIX": ".registry",
+    "CastOps": ".common.ops",
     # either family, by the file (family= pins one)
     "load_diffusion_model": ".registry",
     "load_vae": ".registry",

@@ -19,8 +19,11 @@ DEFAULT_NEGATIVE = " "
 # Choices of every loader's weight_dtype input; nodes/host/ops.py turns them into torch dtypes.
 AUTO_DTYPE = "auto"
 WEIGHT_DTYPES = (AUTO_DTYPE, "bf16", "fp16", "fp32")
-WEIGHT_DTYPE_TOOLTIP = ("Compute / storage precision. auto: bf16 on GPUs that support it, fp32 otherwise (fp16 "
-                        "overflows in Qwen-Image). fp8 and GGUF weights stay as stored and are upcast per layer.")
+WEIGHT_DTYPE_TOOLTIP = ("Compute / storage precision. auto: bf16 on GPUs that support it. On GPUs without bf16 "
+                        "(Pascal, Turing, older Macs) the diffusion model runs in fp16 with its residual streams in "
+                        "fp32 (Qwen's activations reach 2e7, beyond fp16's range: exact, no black images) and the "
+                        "other models in fp32; fp32 on CPU. fp8 and GGUF weights stay as stored and are upcast per "
+                        "layer.")
 
 
 def mappings(*node_classes: type) -> tuple[dict, dict]:

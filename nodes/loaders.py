@@ -55,7 +55,7 @@ class DiffusionModelLoader:
         }}
 
     def load(self, model_name: str, weight_dtype: str, edit_2511: str, dequant_cache: bool = True):
-        compute = compute_dtype(weight_dtype, mm.get_torch_device())
+        compute = compute_dtype(weight_dtype, mm.get_torch_device(), fp16_safe=True)
         with chosen_file("diffusion_models", "model_name", model_name) as path:
             ops, stored = host_ops(path, compute)
             dit = load_diffusion_model(path, dtype=compute, device=mm.unet_offload_device(), ops=ops,

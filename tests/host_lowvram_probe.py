@@ -54,8 +54,9 @@ def main() -> None:
         results[f"{mode}_cast_layers"] = cast
         results[f"{mode}_patched_layers"] = patched
         patcher.unpatch_model(cpu)
-        # nothing of the patch stays behind (GGUF layers hold their patched dense weight until unpatched)
-        results[f"{mode}_left_after_unpatch"] = sum(1 for m in patcher.model.modules() if "_patched" in vars(m))
+        # nothing of the patch stays behind (GGUF layers hold the host's patches until unpatched)
+        held = ("_patched", "_host_patch", "_lowvram_memo")
+        results[f"{mode}_left_after_unpatch"] = sum(any(k in vars(m) for k in held) for m in patcher.model.modules())
     patcher.load(cpu, full_load=True)  # no LoRA: what the patches change
     patcher.patches = {}
     patcher.unpatch_model(cpu)

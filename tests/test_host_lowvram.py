@@ -27,7 +27,7 @@ def test_partial_load_with_a_lora_equals_full_load(host_models_dir, tmp_path, mo
     assert results["lowvram_patched_layers"] > 10
     assert (results["lowvram"] - results["full"]).abs().max() < 1e-5
     assert results["full_left_after_unpatch"] == 0 and results["lowvram_left_after_unpatch"] == 0
-    # GGUF: the host is told about the dense copies patched layers will hold (safetensors weights: none).
+    # GGUF: the host is told about the LoRA tensors patched layers will hold (safetensors weights: nothing).
     extra = results["size_with_lora"] - results["size_without_lora"]
     assert extra == results["patched_gguf_bytes"] and (extra > 0) == model.endswith(".gguf")
     assert (results["full"] - results["no_lora"]).abs().max() > 1e-3  # the LoRA is really in both

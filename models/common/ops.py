@@ -6,8 +6,9 @@ with ``ops.Linear(...)``.  The host (ComfyUI) passes its own ``comfy.ops`` names
 offloading and LoRA weight functions apply; standalone use gets :class:`CastOps`, defined here.
 
 ``CastOps`` layers keep their weights in the stored dtype (fp8 stays 1 byte per weight) and cast them to the
-input's dtype and device at compute time.  "Scaled" fp8 checkpoints carry a per-layer ``scale_weight``; a layer
-that has one multiplies the upcast weight by it.
+input's dtype and device at compute time.  Scaled fp8 checkpoints carry a per-layer factor - ``scale_weight``
+("scaled fp8") or ``weight_scale`` (ComfyUI's mixed-precision ``comfy_quant`` layout, fp8 formats); a layer that
+has one multiplies the upcast weight by it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ __all__ = ["CastOps", "cast_weight", "cast_bias"]
 
 
 def cast_weight(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
-    """The layer's weight in ``like``'s dtype and device, with a "scaled fp8" ``scale_weight`` applied."""
+    """The layer's weight in ``like``'s dtype and device, with a scaled-fp8 factor (``scale_weight`` or
+    ``weight_scale``) applied."""
     weight = layer.weight
     if weight is None:
         return None
     scale = getattr(layer, "scale_weight", None)
+    if scale is None:
+        scale = getattr(layer, "weight_scale", None)
     if weight.dtype == like.dtype and weight.device == like.device and scale is None:
         return weight
     weight = weight.to(device=like.device, dtype=like.dtype)

@@ -9,6 +9,9 @@
   access.
 * :func:`assign_weights` moves tensors from such a mapping into a module built on the ``meta`` device, one tensor
   at a time, so peak memory stays near the size of the weights themselves.
+* Quantized checkpoints: "scaled fp8" (per-layer ``scale_weight`` / ``scale_input``) and ComfyUI's mixed-precision
+  layout (per-layer ``comfy_quant`` JSON marker, ``weight_scale``, optional ``input_scale``; read with
+  :func:`quant_config`, written with :func:`quant_marker`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .integrity import refuse_zero_filled_tail
 from .model_config import ModelConfig, read_config
 
 __all__ = ["WeightFileError", "SafetensorsCheckpoint", "open_checkpoint", "assign_weights", "tensor_shape",
-           "tensor_dtype", "FLOAT8_DTYPES"]
+           "tensor_dtype", "FLOAT8_DTYPES", "QUANT_MARKER", "FLOAT8_FORMATS", "quant_config", "quant_marker"]
 
 FLOAT8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -42,7 +45,13 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1), "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
 }
 _MAX_HEADER = 100 * 1024 * 1024
-_SCALES = ("scale_weight", "scale_input")  # "scaled fp8" per-layer factors
+# Per-layer factors: "scaled fp8" (scale_weight / scale_input) and ComfyUI's mixed precision (weight_scale /
+# input_scale).  They stay fp32 whatever the compute dtype.
+_SCALES = ("scale_weight", "scale_input", "weight_scale", "input_scale")
+QUANT_MARKER = "comfy_quant"  # ComfyUI's per-layer quantization marker: uint8 bytes of JSON, e.g. {"format": ...}
+_SCALED_FP8_MARKER = "scaled_fp8"  # top-level "scaled fp8" marker: its dtype names the fp8 format, no weights
+# Marker formats whose weight is a plain fp8 tensor times ``weight_scale``: what per-layer casting can compute.
+FLOAT8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 
 
 class SafetensorsCheckpoint(Mapping):
@@ -189,6 +198,22 @@ def tensor_dtype(tensors: Mapping, name: str) -> torch.dtype:
     return dtype_of(name) if callable(dtype_of) else tensors[name].dtype
 
 
+def quant_config(marker: torch.Tensor, name: str = "comfy_quant") -> dict:
+    """A ``<layer>.comfy_quant`` marker's JSON object (``{"format": "float8_e4m3fn", ...}``)."""
+    try:
+        config = json.loads(marker.to(torch.uint8).cpu().numpy().tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WeightFileError(f"tensor '{name}' is not a quantization marker ({type(e).__name__}: {e}).") from None
+    if not isinstance(config, dict) or not isinstance(config.get("format"), str):
+        raise WeightFileError(f"tensor '{name}' is not a quantization marker (no \"format\" in {str(config)[:60]}).")
+    return config
+
+
+def quant_marker(config: dict) -> torch.Tensor:
+    """The ``<layer>.comfy_quant`` tensor ComfyUI writes for a layer's quantization ``config``."""
+    return torch.tensor(list(json.dumps(config).encode("utf-8")), dtype=torch.uint8)
+
+
 def _index_shards(index: Path) -> set[str]:
     """The shard file names a ``*.safetensors.index.json`` lists (its ``weight_map`` values)."""
     try:
@@ -229,6 +254,49 @@ def open_checkpoint(path: str | os.PathLike) -> SafetensorsCheckpoint:
     return SafetensorsCheckpoint(files, config=config, source=path)
 
 
+def _loads_itself(module: nn.Module) -> bool:
+    """A leaf layer with its own state-dict loading (a host's mixed-precision Linear builds its quantized weight
+    from the checkpoint's tensors): it is handed its tensors through torch's protocol instead of one by one."""
+    return next(module.children(), None) is None and \
+        type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+
+
+def _stored(tensor: torch.Tensor, leaf: str, dtype: torch.dtype | None,
+            keep_dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """A checkpoint tensor as the model keeps it: scales in fp32, ``keep_dtypes`` (fp8) and integers as stored,
+    other floats in ``dtype``."""
+    if leaf in _SCALES:
+        return tensor.to(torch.float32)
+    if dtype is not None and tensor.dtype not in keep_dtypes and tensor.is_floating_point():
+        return tensor.to(dtype)
+    return tensor
+
+
+def _refuse_uncastable(marker: torch.Tensor, key: str, what: str) -> None:
+    """A ``comfy_quant`` marker reaching per-layer casting: fine for fp8 (the weight times ``weight_scale``),
+    refused for formats only a host's mixed-precision layers compute."""
+    found = quant_config(marker, key)["format"]
+    if found not in FLOAT8_FORMATS:
+        layer = key[: -len(QUANT_MARKER) - 1]
+        raise WeightFileError(f"{what}: layer '{layer}' is quantized as {found}, which these layers cannot compute "
+                              f"(they run {' and '.join(FLOAT8_FORMATS)}); load it in a ComfyUI whose mixed-precision "
+                              f"layers support {found}.")
+
+
+def _load_layer(layer: nn.Module, name: str, state: dict[str, torch.Tensor], what: str,
+                missing: list[str], unexpected: list[str]) -> None:
+    """Load one self-loading layer from its tensors (named as in the model), assigning rather than copying into
+    its meta-device parameters."""
+    errors: list[str] = []
+    try:
+        layer._load_from_state_dict(state, name + ".", {"assign_to_params_buffers": True}, True, missing,
+                                    unexpected, errors)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise WeightFileError(f"{what}: layer '{name}' could not be loaded ({type(e).__name__}: {e}).") from None
+    if errors:
+        raise WeightFileError(f"{what}: layer '{name}' could not be loaded: {errors[0]}")
+
+
 def assign_weights(
     module: nn.Module,
     tensors: Mapping[str, torch.Tensor],
@@ -240,42 +308,56 @@ def assign_weights(
     """Replace every parameter/buffer of a meta-device ``module`` with the checkpoint's tensor, one at a time.
 
     ``rename`` maps a checkpoint name to the module's name (``None`` drops the tensor).  Tensors are converted
-    to ``dtype`` unless their dtype is in ``keep_dtypes`` (fp8 stays fp8).  Extra ``<layer>.scale_weight`` /
-    ``<layer>.scale_input`` tensors ("scaled fp8") become buffers on their layer.  Missing or unexpected names
-    raise :class:`WeightFileError`.
+    to ``dtype`` unless their dtype is in ``keep_dtypes`` (fp8 stays fp8); scales stay fp32.  Extra per-layer
+    scales (``scale_weight`` / ``scale_input``, ``weight_scale`` / ``input_scale``) become buffers on their layer;
+    the ``scaled_fp8`` marker and fp8 ``comfy_quant`` markers are dropped (the fp8 weight and its scale say it
+    all), other ``comfy_quant`` formats are refused.  Layers that load themselves (see :func:`_loads_itself`) get
+    all their tensors, markers included, one layer at a time.  Missing or unexpected names raise
+    :class:`WeightFileError`.
     """
-    expected = dict(module.named_parameters())
-    expected.update(dict(module.named_buffers()))
+    self_loading = {name: m for name, m in module.named_modules() if name and _loads_itself(m)}
+    expected = {name: t for name, t in [*module.named_parameters(), *module.named_buffers()]
+                if name.rpartition(".")[0] not in self_loading}
+    layer_keys: dict[str, list[tuple[str, str]]] = {name: [] for name in self_loading}
     seen: set[str] = set()
+    missing: list[str] = []
     unexpected: list[str] = []
     for key in tensors:
         name = rename(key) if rename else key
-        if name is None:
+        if name is None or name == _SCALED_FP8_MARKER:
             continue
         owner_name, _, leaf = name.rpartition(".")
+        if owner_name in layer_keys:
+            layer_keys[owner_name].append((key, name))
+            continue
         if name not in expected:
             if leaf in _SCALES:
                 owner = module.get_submodule(owner_name) if owner_name else module
                 if not hasattr(owner, leaf):  # a layer class that declares the attribute handles it itself
                     owner.register_buffer(leaf, tensors[key].to(torch.float32), persistent=True)
                 continue
+            if leaf == QUANT_MARKER and f"{owner_name}.weight" in expected:
+                _refuse_uncastable(tensors[key], key, what)
+                continue
             unexpected.append(key)
             continue
-        tensor = tensors[key]
         ref = expected[name]
         shape = tensor_shape(tensors, key)  # quantized checkpoints report the unpacked shape
         if shape != tuple(ref.shape):
             raise WeightFileError(f"{what}: tensor '{key}' has shape {shape}, expected {tuple(ref.shape)}.")
-        if leaf in _SCALES:
-            tensor = tensor.to(torch.float32)  # scales stay fp32 whatever the compute dtype
-        elif dtype is not None and tensor.dtype not in keep_dtypes and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+        tensor = _stored(tensors[key], leaf, dtype, keep_dtypes)
         owner = module.get_submodule(owner_name) if owner_name else module
         if isinstance(ref, nn.Parameter):
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:
             owner._buffers[leaf] = tensor
         seen.add(name)
+    for owner_name, keys in layer_keys.items():
+        if not keys:
+            missing.append(f"{owner_name}.weight")
+            continue
+        state = {name: _stored(tensors[key], name.rpartition(".")[2], dtype, keep_dtypes) for key, name in keys}
+        _load_layer(self_loading[owner_name], owner_name, state, what, missing, unexpected)
     for name in set(expected) - seen:
         owner_name, _, leaf = name.rpartition(".")
         if leaf in _SCALES:  # a "scaled fp8" layer class declares scales for every Linear; unscaled layers use 1
@@ -286,7 +368,7 @@ def assign_weights(
             else:
                 owner._buffers[leaf] = ones
             seen.add(name)
-    missing = sorted(set(expected) - seen)
+    missing = sorted({*missing, *(set(expected) - seen)})
     if missing or unexpected:
         parts = []
         if missing:

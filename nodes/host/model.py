@@ -292,7 +292,9 @@ class QwenImageModelPatcher(comfy.model_patcher.ModelPatcher):
                    if isinstance(module, HostPatchable))
 
     def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
-        layer = self._gguf_layer(key) if key in self.patches else None
+        # newer hosts may ask for the patched weight itself (return_weight, after inplace_update): theirs to compute
+        return_weight = kwargs.get("return_weight", len(args) > 1 and args[1])
+        layer = self._gguf_layer(key) if key in self.patches and not return_weight else None
         if layer is None:
             return super().patch_weight_to_device(key, device_to, *args, **kwargs)
         if key not in self.backup:  # as the host records one: restoring it (a new Parameter) drops the patch

@@ -18,6 +18,10 @@ weights behave exactly like CastOps.  Two caches trade memory for time and are v
 * LoRA: ``layer.set_lora([(up, down, scale), ...])`` or a dense delta is merged once into a cached dense weight
   instead of being re-applied at every call.
 
+Subclasses may patch the weight at dequantization time instead (the host adapter applies the host's LoRA patches
+this way, keeping no dense copy): :meth:`_GGUFLayer._weight_patch` returns a callable applied to each freshly
+dequantized weight (to the dense copy once, where the dequant-once cache keeps one).
+
 Thread safety: layers may run in several threads at once (one model or several): scratch is per thread and per
 context, and the caches are replaced atomically (a thread that finds none builds its own).
 """
@@ -25,7 +29,7 @@ context, and the caches are replaced atomically (a thread that finds none builds
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -261,14 +265,25 @@ class _GGUFLayer:
         self._cache = None  # moved or converted: the dense copy is stale (and may pin memory on another device)
         return super()._apply(fn, recurse)
 
-    def _weight(self, like: torch.Tensor) -> torch.Tensor | None:
+    def _weight_patch(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A change applied to the weight each time it is dequantized (None here): called with a dense weight this
+        layer owns (it may write to it, e.g. the calling thread's scratch) and returns the patched weight."""
+        return None
+
+    def _weight(self, like: torch.Tensor, patched: bool = True) -> torch.Tensor | None:
+        """The dense weight for an input like ``like``; ``patched=False``: without the dequant-time patch (for a
+        caller that applies it another way)."""
         weight = self.weight
         if weight is None:
             return None
         quantized = isinstance(weight, QuantizedTensor)
+        patch = self._weight_patch() if patched else None
         if self._lora is None and not (quantized and self.keeps_dequantized() and weight.device == like.device):
-            return _dense(weight, like, role="weight") if quantized else cast_weight(self, like)
-        key = (id(weight), _version(weight), like.dtype, like.device)
+            dense = _dense(weight, like, role="weight") if quantized else cast_weight(self, like)
+            if patch is None:
+                return dense
+            return patch(dense if quantized or dense is not weight else dense.clone())  # never the parameter
+        key = (id(weight), _version(weight), like.dtype, like.device, patch)
         cache = self._cache
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -279,6 +294,8 @@ class _GGUFLayer:
             base = _dense(weight, torch.empty(0, device=like.device)) if quantized else \
                 cast_weight(self, torch.empty(0, dtype=torch.float32, device=like.device))
             dense = (base + _lora_delta(self._lora, base.shape, like.device)).to(like.dtype)
+        if patch is not None:
+            dense = patch(dense)
         self._cache = (key, dense)
         return dense
 
@@ -317,8 +334,9 @@ class GGUFOps:
     class Embedding(_GGUFLayer, CastOps.Embedding):
         def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
             weight = self.weight
-            if not isinstance(weight, QuantizedTensor) or self._lora is not None or self.keeps_dequantized():
-                if isinstance(weight, QuantizedTensor) or self._lora is not None:
+            patched = self._lora is not None or self._weight_patch() is not None
+            if not isinstance(weight, QuantizedTensor) or patched or self.keeps_dequantized():
+                if isinstance(weight, QuantizedTensor) or patched:
                     like = torch.empty(0, dtype=out_dtype or torch.float32, device=ids.device)
                     return F.embedding(ids, self._weight(like), self.padding_idx)
                 return super().forward(ids, out_dtype)
