@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 
 from models import BLOCK_HOOK, load_diffusion_model
 from tiny_models.configs import TINY_DIT
-from test_t2i_host import WORKFLOWS, read_latent, save_latent, small_t2i
-from workflow import ui_to_api
+from test_t2i_host import read_latent, save_latent, small_t2i
 
 DEPTH = TINY_DIT["num_layers"]
 

@@ -18,7 +18,7 @@ from tiny_models.configs import TINY_LAYERED_DIT, TINY_RGBA_VAE
 from tiny_models.images import photo_like
 from workflow import ui_to_api
 
-WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "qwen_image_layered.json"
+WORKFLOW = Path(__file__).resolve().parent.parent / "example_workflows" / "qwen_image_layered.json"
 LAYERED_DIT = "qwen_image_layered_bf16.safetensors"
 LAYERED_VAE = "qwen_image_layered_vae.safetensors"
 

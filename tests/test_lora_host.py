@@ -23,7 +23,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKFLOWS = REPO_ROOT / "workflows"
+WORKFLOWS = REPO_ROOT / "example_workflows"
 MARKER = "QIP-LORA-PROBE "
 BASE = "qwen_image_bf16.safetensors"
 TEXT_ENCODER = "qwen_2.5_vl_7b.safetensors"
@@ -312,6 +312,27 @@ def test_sampling_with_the_node_equals_sampling_the_merged_file(host, host_model
     with_lora, report = _sample(host, BASE, (_file_name(case, 0), part.strength))
     from_merged, _ = _sample(host, merged)
     plain, _ = _sample(host, BASE)
+    assert (with_lora - plain).abs().max() > 1e-2, "the LoRA did not change the output"
+    assert (with_lora - from_merged).abs().max() < 1e-4
+    assert "patched" in report and "unmatched" not in report
+
+
+@pytest.mark.parametrize("case", ["diffusers", "lokr"])
+def test_sampling_a_gguf_model_with_the_node_equals_sampling_the_merged_file(host, host_models_dir, probe,
+                                                                             base_weights, case):
+    """The same on the tiny DiT's Q8_0 GGUF, whose layers apply the LoRA each time they dequantize a weight."""
+    from models.io.gguf import load_gguf_state_dict
+    from safetensors.torch import save_file
+
+    gguf = "qwen-image-Q8_0.gguf"
+    (part,) = CASES[case]
+    base = load_gguf_state_dict(host_models_dir / "diffusion_models" / gguf, dequantize=True, dtype=torch.float32)
+    dit, _ = expected_weights(case, base, base_weights[1], host_models_dir / "loras")
+    merged = f"merged_lora_{case}_gguf_fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.items()}, str(host_models_dir / "diffusion_models" / merged))
+    with_lora, report = _sample(host, gguf, (_file_name(case, 0), part.strength))
+    from_merged, _ = _sample(host, merged)
+    plain, _ = _sample(host, gguf)
     assert (with_lora - plain).abs().max() > 1e-2, "the LoRA did not change the output"
     assert (with_lora - from_merged).abs().max() < 1e-4
     assert "patched" in report and "unmatched" not in report

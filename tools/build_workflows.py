@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
-"""Write the UI-format workflows in workflows/ from compact descriptions (run after changing one).
+"""Write the example workflows in example_workflows/ (the host's template folder) from compact descriptions: run it
+after changing one.
 
-A description lists nodes as ``Node(id, type, widgets, inputs, outputs)``: widget values in the order the
-frontend stores them, inputs as ``name: (source id, source slot, type)``.  The UI JSON (positions, link table,
-note) is derived; tests convert the result back to an API prompt with the host's own /object_info.
+A description lists nodes as ``Node(id, type, widgets, inputs, outputs)``: widget values in the order the frontend
+stores them, inputs as ``name: (source id, source slot, type)``.  The UI JSON is derived: the link table, the model
+files' download links (``properties.models`` on every loader), the layout and a same-name ``.jpg`` thumbnail for the
+template browser.  Tests convert the workflows back to API prompts with the host's own /object_info.
+
+Layout: the frontend opens a template fitted to its window, so a workflow reads left to right in four stages (load,
+prompt, sample, decode and save), each a LiteGraph group holding columns of nodes, compact enough to stay readable at
+that zoom.  Chains stack under their source, nodes are ordered after their consumers, links that pass a column run
+along the top and whatever they would cross moves below them.  :func:`crossings` checks the result (the tests run it
+on the files).  The thumbnails need Pillow: the script re-runs itself in the cached environment (tools/env.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_ROOT / "example_workflows"
 
 
 @dataclass
@@ -22,43 +32,297 @@ class Node:
     widgets: list = field(default_factory=list)
     inputs: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     outputs: list[tuple[str, str]] = field(default_factory=list)
-    column: int = 0
     title: str | None = None
 
 
-def build(nodes: list[Node], note: str) -> dict:
-    links, ui_nodes = [], []
-    outgoing: dict[tuple[int, int], list[int]] = {}
+# -- model files: the frontend's missing-model dialog offers these downloads --------------------------------------
+# Keyed by the file name a loader's widget holds (the frontend matches ``name`` against the widget values).  Official
+# sources: Comfy-Org's repackaged single files, the publishers' own repositories for the LoRAs and quantizations.
+HF = "https://huggingface.co/"
+QWEN_IMAGE = HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/"
+QWEN_IMAGE_2_1 = HF + "Comfy-Org/Qwen-Image-2.1/resolve/main/"
+MODEL_URLS = {
+    "qwen_image_bf16.safetensors": QWEN_IMAGE + "diffusion_models/qwen_image_bf16.safetensors",
+    "qwen_image_2512_bf16.safetensors": QWEN_IMAGE + "diffusion_models/qwen_image_2512_bf16.safetensors",
+    "qwen_2.5_vl_7b.safetensors": QWEN_IMAGE + "text_encoders/qwen_2.5_vl_7b.safetensors",
+    "qwen_image_vae.safetensors": QWEN_IMAGE + "vae/qwen_image_vae.safetensors",
+    "qwen_image_edit_2511_bf16.safetensors":
+        HF + "Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/diffusion_models/"
+             "qwen_image_edit_2511_bf16.safetensors",
+    "qwen_image_layered_bf16.safetensors":
+        HF + "Comfy-Org/Qwen-Image-Layered_ComfyUI/resolve/main/split_files/diffusion_models/"
+             "qwen_image_layered_bf16.safetensors",
+    "qwen_image_layered_vae.safetensors":
+        HF + "Comfy-Org/Qwen-Image-Layered_ComfyUI/resolve/main/split_files/vae/qwen_image_layered_vae.safetensors",
+    "qwen-image-Q8_0.gguf": HF + "city96/Qwen-Image-gguf/resolve/main/qwen-image-Q8_0.gguf",
+    "Qwen2.5-VL-7B-Instruct-Q8_0.gguf":
+        HF + "ggml-org/Qwen2.5-VL-7B-Instruct-GGUF/resolve/main/Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
+    "Qwen-Image-InstantX-ControlNet-Union.safetensors":
+        HF + "Comfy-Org/Qwen-Image-InstantX-ControlNets/resolve/main/split_files/controlnet/"
+             "Qwen-Image-InstantX-ControlNet-Union.safetensors",
+    "Qwen-Image-InstantX-ControlNet-Inpainting.safetensors":
+        HF + "Comfy-Org/Qwen-Image-InstantX-ControlNets/resolve/main/split_files/controlnet/"
+             "Qwen-Image-InstantX-ControlNet-Inpainting.safetensors",
+    "qwen_image_canny_diffsynth_controlnet.safetensors":
+        HF + "Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/"
+             "qwen_image_canny_diffsynth_controlnet.safetensors",
+    "Qwen-Image-Lightning-4steps-V1.0.safetensors":
+        HF + "lightx2v/Qwen-Image-Lightning/resolve/main/Qwen-Image-Lightning-4steps-V1.0.safetensors",
+    "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors":
+        HF + "lightx2v/Qwen-Image-2512-Lightning/resolve/main/Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors",
+    "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors":
+        HF + "lightx2v/Qwen-Image-Edit-2511-Lightning/resolve/main/"
+             "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
+    # Comfy-Org publishes 2.1 under other file names (qwen_image_2.1_bf16, qwen3vl_8b_bf16): the frontend's
+    # download saves the file under the name the widget expects.
+    "qwen_image_2_1_bf16.safetensors": QWEN_IMAGE_2_1 + "diffusion_models/qwen_image_2.1_bf16.safetensors",
+    "qwen_image_2_1_turbo_bf16.safetensors": QWEN_IMAGE_2_1 + "diffusion_models/qwen_image_2.1_turbo_bf16.safetensors",
+    "qwen_3_vl_8b.safetensors": QWEN_IMAGE_2_1 + "text_encoders/qwen3vl_8b_bf16.safetensors",
+    "qwen_image_2.1_vae_bf16.safetensors": QWEN_IMAGE_2_1 + "vae/qwen_image_2.1_vae_bf16.safetensors",
+}
+# Node types whose first widget picks a model file, and the models/ folder it lists.
+LOADER_FOLDERS = {
+    "QIP_DiffusionModelLoader": "diffusion_models", "QIP_21DiffusionModelLoader": "diffusion_models",
+    "QIP_TextEncoderLoader": "text_encoders", "QIP_21TextEncoderLoader": "text_encoders",
+    "QIP_VAELoader": "vae", "QIP_21VAELoader": "vae", "QIP_LoraLoader": "loras",
+    "QIP_ControlNetLoader": "controlnet", "QIP_BlockwiseControlLoader": "model_patches",
+}
+
+
+def model_properties(node: Node) -> dict:
+    name = node.widgets[0]
+    return {"models": [{"name": name, "url": MODEL_URLS[name], "directory": LOADER_FOLDERS[node.type]}]}
+
+
+# -- layout --------------------------------------------------------------------------------------------------------
+TITLE_H, SLOT_H = 30, 20  # LiteGraph's NODE_TITLE_HEIGHT and NODE_SLOT_HEIGHT
+WIDGET_H, TEXT_BOX_H = 24, 96  # a widget row with its margin; a multiline prompt box
+COLUMN_GAP, STAGE_GAP, ROW_GAP, GROUP_PAD, GROUP_HEADER = 30, 70, 26, 16, 44
+LINK_CLEARANCE = 8  # how far above or below a node a link passes that does not connect to it
+STAGES = [("1  Load models and images", "#3f789e"), ("2  Prompt and conditioning", "#8A8"), ("3  Sample", "#88A"),
+          ("4  Decode and save", "#b58b2a")]
+STAGE = {
+    **dict.fromkeys(["MarkdownNote", "LoadImage", "QIP_LoraLoader", *LOADER_FOLDERS], 0),
+    **dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode", "QIP_EmptyLatent",
+                     "QIP_21EmptyLatent", "QIP_ControlPreprocess", "QIP_ControlNetApply", "QIP_BlockwiseControlApply",
+                     "QIP_TrueCFG", "ModelSamplingAuraFlow", "QIP_21PrefixCache"], 1),
+    **dict.fromkeys(["QIP_Scheduler", "QIP_21Scheduler", "KSamplerSelect", "RandomNoise", "CFGGuider",
+                     "SamplerCustomAdvanced"], 2),
+    **dict.fromkeys(["VAEDecode", "QIP_LayeredDecode", "QIP_RestoreSize", "SaveImage"], 3),
+}
+WIDTH = {**dict.fromkeys(LOADER_FOLDERS, 320), "MarkdownNote": 320,
+         **dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode"], 340),
+         "SaveImage": 260, "SamplerCustomAdvanced": 230}
+DEFAULT_WIDTH = 250
+TEXT_BOXES = dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode"], 2)
+HEIGHT = {"LoadImage": 220, "SaveImage": 260}  # room for the image previews
+
+
+def _height(node: Node) -> int:
+    if node.type == "MarkdownNote":  # the rendered note: ~44 characters a line at this width, scrolls beyond
+        lines = sum(1 + len(line) // 44 for line in node.widgets[0].splitlines())
+        return min(560, 20 * lines)
+    if node.type in HEIGHT:
+        return HEIGHT[node.type]
+    boxes = TEXT_BOXES.get(node.type, 0)
+    rows = max(len(node.inputs), len(node.outputs))
+    return SLOT_H * rows + WIDGET_H * (len(node.widgets) - boxes) + TEXT_BOX_H * boxes + 8
+
+
+def input_position(node: dict, slot: int) -> tuple[float, float]:
+    """Where LiteGraph draws an input slot (left edge) and an output slot (right edge)."""
+    return node["pos"][0], node["pos"][1] + (slot + 0.7) * SLOT_H
+
+
+def output_position(node: dict, slot: int) -> tuple[float, float]:
+    return node["pos"][0] + node["size"][0], node["pos"][1] + (slot + 0.7) * SLOT_H
+
+
+def node_rect(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) with the title bar, which LiteGraph draws above ``pos``."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_H, x + w, y + h
+
+
+def _segment_y_range(p, q, left: float, right: float) -> tuple[float, float] | None:
+    """The y values the segment p-q takes over x in [left, right], or None when it does not get there."""
+    (x0, y0), (x1, y1) = p, q
+    lo, hi = max(min(x0, x1), left), min(max(x0, x1), right)
+    if lo > hi:
+        return None
+    if x0 == x1:
+        return min(y0, y1), max(y0, y1)
+    ys = [y0 + (y1 - y0) * (x - x0) / (x1 - x0) for x in (lo, hi)]
+    return min(ys), max(ys)
+
+
+def _crosses(p, q, rect, clearance: float = 0.0) -> bool:
+    left, top, right, bottom = rect
+    span = _segment_y_range(p, q, left, right)
+    return span is not None and span[0] <= bottom + clearance and span[1] >= top - clearance
+
+
+def link_segments(workflow: dict):
+    """(link id, source id, target id, start, end) for every link, straight from output slot to input slot."""
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for link_id, source, slot, target, target_slot, _ in workflow["links"]:
+        yield (link_id, source, target, output_position(nodes[source], slot),
+               input_position(nodes[target], target_slot))
+
+
+def crossings(workflow: dict, clearance: float = 0.0) -> list[tuple[int, int]]:
+    """(link id, node id) for every node a link's straight segment crosses, other than the link's own two."""
+    return [(link_id, node["id"]) for link_id, source, target, start, end in link_segments(workflow)
+            for node in workflow["nodes"]
+            if node["id"] not in (source, target) and _crosses(start, end, node_rect(node), clearance)]
+
+
+def _columns(nodes: list[Node], links: list) -> list[list[list[Node]]]:
+    """Columns of blocks, left to right.  A block is a chain stacked top-down: a node joins the block of its only
+    same-stage producer when it is that producer's only same-stage consumer.  A block's column in its stage is one
+    past its same-stage producers'; the note has the first column to itself, so every link leaving the load stage
+    starts in one column, next to the prompt stage."""
+    by_id = {node.id: node for node in nodes}
+    producers = {node.id: set() for node in nodes}
+    consumers = {node.id: set() for node in nodes}
+    for _, source, _, target, _, _ in links:
+        if STAGE[by_id[source].type] == STAGE[by_id[target].type]:
+            producers[target].add(source)
+            consumers[source].add(target)
+    block_of: dict[int, list[Node]] = {}
+    blocks: list[list[Node]] = []
+    for node in nodes:  # descriptions list producers first
+        (source,) = producers[node.id] if len(producers[node.id]) == 1 else (None,)
+        if source is not None and consumers[source] == {node.id}:
+            block_of[node.id] = block_of[source]
+            block_of[node.id].append(node)
+        else:
+            block_of[node.id] = [node]
+            blocks.append(block_of[node.id])
+    column: dict[int, int] = {}
+    for block in blocks:
+        upstream = {source for node in block for source in producers[node.id]} - {node.id for node in block}
+        column[id(block)] = max([column[id(block_of[source])] + 1 for source in upstream],
+                                default=-int(block[0].type == "MarkdownNote"))
+    keys = sorted({(STAGE[block[0].type], column[id(block)]) for block in blocks})
+    return [[block for block in blocks if (STAGE[block[0].type], column[id(block)]) == key] for key in keys]
+
+
+def layout(nodes: list[Node], links: list) -> dict[int, dict]:
+    """Node id -> {"pos", "size"}: see the module docstring."""
+    columns = _columns(nodes, links)
+    stage_of = [STAGE[column[0][0].type] for column in columns]
+    boxes, x = {}, 0.0
+    for index, column in enumerate(columns):
+        if index:
+            x += (STAGE_GAP if stage_of[index] != stage_of[index - 1] else COLUMN_GAP)
+        width = max(WIDTH.get(node.type, DEFAULT_WIDTH) for block in column for node in block)
+        for block in column:
+            for node in block:
+                boxes[node.id] = {"pos": [x, 0.0], "size": [width, _height(node)]}
+        x += width
+    column_of = {node.id: index for index, column in enumerate(columns) for block in column for node in block}
+
+    def stack(column: list[list[Node]], tops: dict[int, float] | None = None) -> None:
+        """Top-down positions keeping the order and the gaps, each block no higher than ``tops`` asks."""
+        y = TITLE_H
+        for block in column:
+            y = max(y, (tops or {}).get(block[0].id, y))
+            for node in block:
+                boxes[node.id]["pos"][1] = y
+                y += boxes[node.id]["size"][1] + ROW_GAP + TITLE_H
+
+    # Links that pass a column on their way are buses: they run level along the top, above everything they pass.
+    def passes(link: list) -> bool:
+        return column_of[link[3]] - column_of[link[1]] > 1
+
+    # Order each column after its consumers (right to left), by the mean height of the input slots it feeds, the
+    # blocks with a bus first.
+    def order_key(block: list[Node]) -> tuple[bool, float]:
+        ids = {node.id for node in block}
+        ends = [input_position(boxes[link[3]], link[4])[1] for link in links
+                if link[1] in ids and column_of[link[3]] > column_of[link[1]]]
+        bus = any(passes(link) for link in links if ids & {link[1], link[3]})
+        return not bus, sum(ends) / len(ends) if ends else float("inf")
+
+    for column in reversed(columns):
+        column.sort(key=order_key)  # stable: declaration order among equals (and the note stays last)
+        stack(column)
+    # Then heights left to right: a block's first node level with what feeds it (its buses, if any).
+    for column in columns:
+        tops = {}
+        for block in column:
+            feeds = [link for link in links if link[3] == block[0].id and column_of[link[1]] < column_of[link[3]]]
+            starts = [output_position(boxes[source], slot)[1] - (target_slot + 0.7) * SLOT_H
+                      for _, source, slot, _, target_slot, _ in [link for link in feeds if passes(link)] or feeds]
+            if starts:
+                tops[block[0].id] = sum(starts) / len(starts)
+        stack(column, tops)
+    # Finally push every block a bus crosses below that bus (with what stacks under it), until none is crossed: links
+    # between neighbouring columns cross nothing.
+    graph = {"nodes": [{"id": node_id, **box} for node_id, box in boxes.items()], "links": links}
+    block_of = {node.id: block for column in columns for block in column for node in block}
+    for _ in range(300):
+        hits = crossings(graph, LINK_CLEARANCE)
+        if not hits:
+            break
+        link_id, node_id = hits[0]
+        start, end = next(segment[3:] for segment in link_segments(graph) if segment[0] == link_id)
+        head = block_of[node_id][0].id  # the block moves as one: its chain links stay short
+        left, top, right, _ = node_rect(boxes[head])
+        column = columns[column_of[head]]
+        tops = {block[0].id: boxes[block[0].id]["pos"][1] for block in column}
+        tops[head] += _segment_y_range(start, end, left, right)[1] + LINK_CLEARANCE + 1 - top
+        stack(column, tops)
+    else:
+        raise RuntimeError(f"layout: links still cross nodes: {hits}")
+    return boxes
+
+
+def stage_groups(nodes: list[Node], boxes: dict[int, dict]) -> list[dict]:
+    """One LiteGraph group per stage, all of one height."""
+    rects = {}
     for node in nodes:
-        for name, (source, slot, kind) in node.inputs.items():
-            link_id = len(links) + 1
-            target_slot = list(node.inputs).index(name)
-            links.append([link_id, source, slot, node.id, target_slot, kind])
-            outgoing.setdefault((source, slot), []).append(link_id)
-    rows: dict[int, int] = {}
+        rects.setdefault(STAGE[node.type], []).append(node_rect(boxes[node.id]))
+    top = min(rect[1] for stage in rects.values() for rect in stage) - GROUP_PAD - GROUP_HEADER
+    bottom = max(rect[3] for stage in rects.values() for rect in stage) + GROUP_PAD
+    groups = []
+    for stage in sorted(rects):
+        left = min(rect[0] for rect in rects[stage]) - GROUP_PAD
+        right = max(rect[2] for rect in rects[stage]) + GROUP_PAD
+        title, color = STAGES[stage]
+        groups.append({"id": len(groups) + 1, "title": title, "bounding": [left, top, right - left, bottom - top],
+                       "color": color, "font_size": 24, "flags": {}})
+    return groups
+
+
+def build(nodes: list[Node], note: str) -> dict:
+    """The UI workflow of ``nodes`` with ``note`` (the model files table) in a Markdown note among the loaders."""
+    nodes = [*nodes, Node(max(node.id for node in nodes) + 1, "MarkdownNote", [note], title="Model files")]
+    links = []  # [id, source, source slot, target, target slot, type], as LiteGraph serialises them
+    for node in nodes:
+        for target_slot, (source, slot, kind) in enumerate(node.inputs.values()):
+            links.append([len(links) + 1, source, slot, node.id, target_slot, kind])
+    boxes = layout(nodes, links)
+    ui_nodes = []
     for order, node in enumerate(nodes):
-        row = rows.get(node.column, 0)
-        rows[node.column] = row + 1
         entry = {
-            "id": node.id, "type": node.type, "pos": [40 + 380 * node.column, 40 + 260 * row], "size": [340, 200],
-            "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": name, "type": kind,
-                        "link": next(link[0] for link in links if link[3] == node.id and link[4] == slot)}
+            "id": node.id, "type": node.type, **boxes[node.id], "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": next(link[0] for link in links
+                                                                  if link[3] == node.id and link[4] == slot)}
                        for slot, (name, (_, _, kind)) in enumerate(node.inputs.items())],
-            "outputs": [{"name": name, "type": kind, "links": outgoing.get((node.id, slot), []), "slot_index": slot}
+            "outputs": [{"name": name, "type": kind, "slot_index": slot,
+                         "links": [link[0] for link in links if link[1] == node.id and link[2] == slot]}
                         for slot, (name, kind) in enumerate(node.outputs)],
-            "properties": {"Node name for S&R": node.type},
+            "properties": {"Node name for S&R": node.type,
+                           **(model_properties(node) if node.type in LOADER_FOLDERS else {})},
             "widgets_values": node.widgets,
         }
         if node.title:
             entry["title"] = node.title
         ui_nodes.append(entry)
-    note_id = max(n.id for n in nodes) + 1
-    ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -320], "size": [720, 300], "flags": {},
-                     "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
-                     "properties": {}, "widgets_values": [note], "title": "Model files"})
-    return {"last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+    return {"last_node_id": nodes[-1].id, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": stage_groups(nodes, boxes), "config": {}, "extra": {}, "version": 0.4}
 
 
 def loaders(model: str, text_encoder: str = "qwen_2.5_vl_7b.safetensors",
@@ -82,7 +346,7 @@ LORA_ID = 30
 def lora(name: str, model: tuple = (1, 0, "MODEL")) -> Node:
     """A Load Qwen-Image LoRA node (id :data:`LORA_ID`) at strength 1 on ``model``."""
     return Node(LORA_ID, "QIP_LoraLoader", [name, 1.0, 1.0], {"model": model},
-                [("model", "MODEL"), ("text_encoder", "QWEN_IMAGE_TEXT_ENCODER"), ("report", "STRING")], column=1)
+                [("model", "MODEL"), ("text_encoder", "QWEN_IMAGE_TEXT_ENCODER"), ("report", "STRING")])
 
 
 def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent: tuple, steps: int, prefix: str,
@@ -100,38 +364,37 @@ def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent:
     if qwen_2_1:
         nodes, schedule, guidance = [], [steps, 1.0], 1.0
     elif lightning:
-        nodes = [Node(cfg, "ModelSamplingAuraFlow", [LIGHTNING_SHIFT], {"model": model}, [("MODEL", "MODEL")],
-                      column=1)]
+        nodes = [Node(cfg, "ModelSamplingAuraFlow", [LIGHTNING_SHIFT], {"model": model}, [("MODEL", "MODEL")])]
         schedule, guidance = [steps, 1.0, "the model's current shift", 0.0], 1.0
     else:
-        nodes = [] if layered else [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")], column=1)]
+        nodes = [] if layered else [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")])]
         schedule, guidance = [steps, 1.0, "from the latent's resolution", 0.02], 4.0
     nodes += [
-        Node(sigmas, scheduler, schedule, scheduler_inputs, [("SIGMAS", "SIGMAS")], column=2),
-        Node(sampler, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")], column=2),
-        Node(noise, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")], column=2),
+        Node(sigmas, scheduler, schedule, scheduler_inputs, [("SIGMAS", "SIGMAS")]),
+        Node(sampler, "KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")]),
+        Node(noise, "RandomNoise", [42, "fixed"], outputs=[("NOISE", "NOISE")]),
         Node(guider, "CFGGuider", [guidance], {"model": guided, "positive": positive, "negative": negative},
-             [("GUIDER", "GUIDER")], column=2),
+             [("GUIDER", "GUIDER")]),
         Node(sample, "SamplerCustomAdvanced", [],
              {"noise": (noise, 0, "NOISE"), "guider": (guider, 0, "GUIDER"), "sampler": (sampler, 0, "SAMPLER"),
               "sigmas": (sigmas, 0, "SIGMAS"), "latent_image": latent},
-             [("output", "LATENT"), ("denoised_output", "LATENT")], column=3),
+             [("output", "LATENT"), ("denoised_output", "LATENT")]),
     ]
     if layered:
         return nodes + [
             Node(decode, "QIP_LayeredDecode", [False], {"vae": (3, 0, "VAE"), "samples": (sample, 0, "LATENT")},
-                 [("layers", "IMAGE"), ("whole_image", "IMAGE")], column=3),
-            Node(decode + 1, "SaveImage", [f"{prefix}_layer"], {"images": (decode, 0, "IMAGE")}, column=3),
-            Node(decode + 2, "SaveImage", [f"{prefix}_whole"], {"images": (decode, 1, "IMAGE")}, column=3),
+                 [("layers", "IMAGE"), ("whole_image", "IMAGE")]),
+            Node(decode + 1, "SaveImage", [f"{prefix}_layer"], {"images": (decode, 0, "IMAGE")}),
+            Node(decode + 2, "SaveImage", [f"{prefix}_whole"], {"images": (decode, 1, "IMAGE")}),
         ]
     nodes.append(Node(decode, "VAEDecode", [], {"samples": (sample, 0, "LATENT"), "vae": (3, 0, "VAE")},
-                      [("IMAGE", "IMAGE")], column=3))
+                      [("IMAGE", "IMAGE")]))
     image = (decode, 0, "IMAGE")
     if restore_to is not None:
         nodes.append(Node(decode + 1, "QIP_RestoreSize", [], {"image": image, "original": restore_to},
-                          [("IMAGE", "IMAGE")], column=3))
+                          [("IMAGE", "IMAGE")]))
         image = (decode + 1, 0, "IMAGE")
-    nodes.append(Node(image[0] + 1, "SaveImage", [prefix], {"images": image}, column=3))
+    nodes.append(Node(image[0] + 1, "SaveImage", [prefix], {"images": image}))
     return nodes
 
 
@@ -208,7 +471,7 @@ def layered() -> dict:
              {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER"), "vae": (3, 0, "VAE"), "image": (20, 0, "IMAGE"),
               "alpha_mask": (20, 1, "MASK")},
              [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
-              ("sized_image", "IMAGE")], column=1),
+              ("sized_image", "IMAGE")]),
         *sampling(8, (1, 0, "MODEL"), (7, 0, "CONDITIONING"), (7, 1, "CONDITIONING"), (7, 2, "LATENT"), 50,
                   "qwen_image_layered", layered=True),
     ], LAYERED_NOTE)
@@ -224,8 +487,8 @@ def text_to_image(model: str, text_encoder: str, note: str, lightning_lora: str 
                                   "a neon light beside it displaying \"通义千问\", ultra HD, 4K, cinematic composition.",
                                   " "],
              {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
-             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
-        Node(5, "QIP_EmptyLatent", ["1328x1328 (1:1)", 1024, 1024, 1], outputs=[("LATENT", "LATENT")], column=1),
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+        Node(5, "QIP_EmptyLatent", ["1328x1328 (1:1)", 1024, 1024, 1], outputs=[("LATENT", "LATENT")]),
         *sampling(6, dit, (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (5, 0, "LATENT"),
                   LIGHTNING_STEPS if lightning_lora else 50, "qwen_image", lightning=bool(lightning_lora)),
     ], note)
@@ -255,12 +518,17 @@ EDIT_PROMPTS = {
 }
 
 
+def load_images(names: list[str]) -> list[Node]:
+    """LoadImage nodes 20, 21, ...; several are titled by number, as the prompts refer to them."""
+    return [Node(20 + i, "LoadImage", [name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                 title=f"Image {i + 1}" if len(names) > 1 else None) for i, name in enumerate(names)]
+
+
 def edit(images: int, masked: bool = False, lightning_lora: str | None = None) -> dict:
     """Edit with ``images`` input images (Edit-2509/2511 mode); ``masked``: the first image's alpha is the mask;
     ``lightning_lora``: that LoRA and the Lightning sampling in 4 steps."""
-    names = ["qwen_edit_input_masked.png"] if masked else [f"qwen_edit_input_{i + 1}.png" for i in range(images)]
-    loads = [Node(20 + i, "LoadImage", [name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
-             for i, name in enumerate(names)]
+    loads = load_images(["qwen_edit_input_masked.png"] if masked else
+                        [f"qwen_edit_input_{i + 1}.png" for i in range(images)])
     edit_inputs = {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER"), "vae": (3, 0, "VAE"), "image": (20, 0, "IMAGE")}
     for i in range(1, images):
         edit_inputs[f"image{i + 1}"] = (20 + i, 0, "IMAGE")
@@ -275,7 +543,7 @@ def edit(images: int, masked: bool = False, lightning_lora: str | None = None) -
         Node(7, "QIP_EditEncode", [prompt, " ", "Qwen-Image-Edit-2509 / 2511 (one or more images)",
                                    "1024x1024 (reference)", "same as the references", 32, "last image"],
              edit_inputs, [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
-                           ("sized_images", "IMAGE")], column=1),
+                           ("sized_images", "IMAGE")]),
         *sampling(8, dit, (7, 0, "CONDITIONING"), (7, 1, "CONDITIONING"), (7, 2, "LATENT"),
                   LIGHTNING_STEPS if lightning_lora else 40, "qwen_image_edit",
                   restore_to=(20 + images - 1, 0, "IMAGE"), lightning=bool(lightning_lora)),
@@ -349,15 +617,14 @@ def control(kind: str) -> dict:
         *loaders("qwen_image_bf16.safetensors"),
         Node(4, "QIP_TextEncode", ["A cozy reading corner with a green armchair, warm lamp light, film photo.", " "],
              {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
-             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
-        Node(5, "QIP_EmptyLatent", ["custom (width x height below)", 768, 512, 1], outputs=[("LATENT", "LATENT")],
-             column=1),
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+        Node(5, "QIP_EmptyLatent", ["custom (width x height below)", 768, 512, 1], outputs=[("LATENT", "LATENT")]),
         Node(20, "LoadImage", [image_name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     ]
     control_image = (20, 0, "IMAGE")
     if method:
         nodes.append(Node(21, "QIP_ControlPreprocess", [method, 0.1, 0.2], {"image": (20, 0, "IMAGE")},
-                          [("IMAGE", "IMAGE")], column=1))
+                          [("IMAGE", "IMAGE")]))
         control_image = (21, 0, "IMAGE")
     model, positive, negative = (1, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING")
     if kind == "diffsynth":
@@ -365,7 +632,7 @@ def control(kind: str) -> dict:
             Node(22, "QIP_BlockwiseControlLoader", [control_file, "auto"], outputs=[("QWEN_IMAGE_BLOCKWISE_CONTROL",) * 2]),
             Node(23, "QIP_BlockwiseControlApply", [1.0], {"model": model, "control": (22, 0, "QWEN_IMAGE_BLOCKWISE_CONTROL"),
                                                          "vae": (3, 0, "VAE"), "image": control_image},
-                 [("MODEL", "MODEL")], column=1),
+                 [("MODEL", "MODEL")]),
         ]
         model = (23, 0, "MODEL")
     else:
@@ -376,7 +643,7 @@ def control(kind: str) -> dict:
         nodes += [
             Node(22, "QIP_ControlNetLoader", [control_file, "auto"], outputs=[("CONTROL_NET", "CONTROL_NET")]),
             Node(23, "QIP_ControlNetApply", [1.0, 0.0, 1.0], apply_inputs,
-                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], column=1),
+                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
         ]
         positive, negative = (23, 0, "CONDITIONING"), (23, 1, "CONDITIONING")
     nodes += sampling(6, model, positive, negative, (5, 0, "LATENT"), 30, f"qwen_image_{kind}")
@@ -431,7 +698,7 @@ def encode_2_1(prompt: str, images: int = 0) -> Node:
         inputs |= {"vae": (3, 0, "VAE"), "image": (20, 0, "IMAGE")}
         inputs |= {f"image{i + 1}": (20 + i, 0, "IMAGE") for i in range(1, images)}
     return Node(4, "QIP_21Encode", [prompt, "", 1024], inputs,
-                [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], column=1)
+                [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")])
 
 
 def text_to_image_2_1(model: str, steps: int, title: str, settings: str) -> dict:
@@ -439,7 +706,7 @@ def text_to_image_2_1(model: str, steps: int, title: str, settings: str) -> dict
     return build([
         *loaders_2_1(model),
         encode_2_1("A capybara wearing a wizard hat, reading a book by candlelight, oil painting."),
-        Node(5, "QIP_21EmptyLatent", [1024, 1024, 1], outputs=[("LATENT", "LATENT")], column=1),
+        Node(5, "QIP_21EmptyLatent", [1024, 1024, 1], outputs=[("LATENT", "LATENT")]),
         *sampling(6, (1, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (5, 0, "LATENT"), steps,
                   "qwen_image_2_1", qwen_2_1=True),
     ], QWEN_2_1_NOTE.format(title=title, files=QWEN_2_1_FILES.format(model=model), hint="", settings=settings))
@@ -450,20 +717,80 @@ def edit_2_1(images: int) -> dict:
     model = "qwen_image_2_1_bf16.safetensors"
     return build([
         *loaders_2_1(model),
-        *(Node(20 + i, "LoadImage", [f"qwen_edit_input_{i + 1}.png", "image"],
-               outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]) for i in range(images)),
+        *load_images([f"qwen_edit_input_{i + 1}.png" for i in range(images)]),
         encode_2_1("Put the object from image 2 on the table in image 1, lit like image 3.", images),
         Node(5, "QIP_21PrefixCache", ["on, kept on the compute device (fastest)"], {"model": (1, 0, "MODEL")},
-             [("MODEL", "MODEL")], column=1),
+             [("MODEL", "MODEL")]),
         *sampling(6, (5, 0, "MODEL"), (4, 0, "CONDITIONING"), (4, 1, "CONDITIONING"), (4, 2, "LATENT"), 40,
                   "qwen_image_2_1_edit", restore_to=(20 + images - 1, 0, "IMAGE"), qwen_2_1=True),
     ], QWEN_2_1_NOTE.format(title=f"with {images} condition images", files=QWEN_2_1_FILES.format(model=model),
                             hint=QWEN_2_1_EDIT_HINT, settings=QWEN_2_1_SETTINGS))
 
 
-def main() -> None:
-    WORKFLOWS.mkdir(exist_ok=True)
-    outputs = {
+THUMBNAIL_SIZE = (512, 288)
+SUPERSAMPLE = 3
+# The frontend's default link colours, so the picture reads like the canvas.
+LINK_COLORS = {"MODEL": "#b39ddb", "VAE": "#ff6e6e", "CONDITIONING": "#ffa931", "LATENT": "#ff9cf9",
+               "IMAGE": "#64b5f6", "MASK": "#81c784", "SIGMAS": "#cdffcd", "NOISE": "#b0b0b0", "GUIDER": "#66ffff",
+               "SAMPLER": "#ecb4b4", "CONTROL_NET": "#00d78d"}
+OTHER_LINK_COLOR = "#ffd500"  # our own types (the text encoders, the control patch)
+
+
+def _title(node: dict) -> str:
+    """The node's title, or its type in words (QIP_21EmptyLatent -> 2.1 Empty Latent)."""
+    name = node["type"].removeprefix("QIP_")
+    return node.get("title") or re.sub(r"^21", "2.1 ", re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name))
+
+
+def _spline(start: tuple[float, float], end: tuple[float, float], steps: int = 24) -> list[tuple[float, float]]:
+    """LiteGraph's link curve: a cubic Bezier leaving and entering horizontally, a quarter of its length out."""
+    reach = 0.25 * ((end[0] - start[0]) ** 2 + (end[1] - start[1]) ** 2) ** 0.5
+    controls = [start, (start[0] + reach, start[1]), (end[0] - reach, end[1]), end]
+    return [tuple(sum(weight * point[axis] for weight, point in
+                      zip(((1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t * t * (1 - t), t ** 3), controls))
+                  for axis in (0, 1)) for t in (i / steps for i in range(steps + 1))]
+
+
+def thumbnail(workflow: dict):
+    """The template browser's picture: the graph itself, its stage groups, nodes and links (deterministic)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    left = min(group["bounding"][0] for group in workflow["groups"])
+    top = min(group["bounding"][1] for group in workflow["groups"])
+    right = max(group["bounding"][0] + group["bounding"][2] for group in workflow["groups"])
+    bottom = max(group["bounding"][1] + group["bounding"][3] for group in workflow["groups"])
+    width, height = (side * SUPERSAMPLE for side in THUMBNAIL_SIZE)
+    scale = min(width * 0.96 / (right - left), height * 0.96 / (bottom - top))
+    offset = ((width - (right - left) * scale) / 2 - left * scale, (height - (bottom - top) * scale) / 2 - top * scale)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return offset[0] + x * scale, offset[1] + y * scale
+
+    image = Image.new("RGB", (width, height), "#202020")
+    draw = ImageDraw.Draw(image, "RGBA")
+    group_font = ImageFont.load_default(size=round(28 * scale))
+    node_font = ImageFont.load_default(size=round(22 * scale))
+    for group in workflow["groups"]:
+        x, y, w, h = group["bounding"]
+        color = group["color"] if len(group["color"]) == 7 else "#" + "".join(c * 2 for c in group["color"][1:])
+        rgb = tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
+        draw.rounded_rectangle([at(x, y), at(x + w, y + h)], radius=6 * SUPERSAMPLE, fill=(*rgb, 70))
+        draw.rounded_rectangle([at(x, y), at(x + w, y + GROUP_HEADER)], radius=6 * SUPERSAMPLE, fill=(*rgb, 200))
+        draw.text(at(x + 12, y + GROUP_HEADER / 2), group["title"], font=group_font, fill="#ffffff", anchor="lm")
+    for node in workflow["nodes"]:
+        x0, y0, x1, y1 = node_rect(node)
+        draw.rounded_rectangle([at(x0, y0), at(x1, y1)], radius=4 * SUPERSAMPLE, fill="#353535", outline="#555555")
+        draw.rounded_rectangle([at(x0, y0), at(x1, y0 + TITLE_H)], radius=4 * SUPERSAMPLE, fill="#2a2a2a")
+        draw.text(at(x0 + 8, y0 + TITLE_H / 2), _title(node), font=node_font, fill="#dddddd", anchor="lm")
+    for link, (_, _, _, start, end) in zip(workflow["links"], link_segments(workflow)):
+        draw.line([at(*point) for point in _spline(start, end)], fill=LINK_COLORS.get(link[5], OTHER_LINK_COLOR),
+                  width=2 * SUPERSAMPLE, joint="curve")
+    return image.resize(THUMBNAIL_SIZE, Image.LANCZOS)
+
+
+def workflows() -> dict[str, dict]:
+    """File name -> UI workflow, for every example."""
+    return {
         "qwen_image_t2i.json": text_to_image("qwen_image_bf16.safetensors", "qwen_2.5_vl_7b.safetensors",
                                              SAFETENSORS_NOTE),
         "qwen_image_t2i_gguf.json": text_to_image("qwen-image-Q8_0.gguf", "Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
@@ -493,10 +820,23 @@ def main() -> None:
         "qwen_image_2_1_turbo_t2i.json": text_to_image_2_1("qwen_image_2_1_turbo_bf16.safetensors", 8,
                                                            "Turbo text-to-image in 8 steps", QWEN_2_1_TURBO_SETTINGS),
     }
+
+
+def main() -> None:
+    EXAMPLES.mkdir(exist_ok=True)
+    outputs = workflows()
+    for stale in sorted(EXAMPLES.glob("*.json")) + sorted(EXAMPLES.glob("*.jpg")):
+        if stale.with_suffix(".json").name not in outputs:
+            stale.unlink()
     for name, workflow in outputs.items():
-        (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote workflows/{name}")
+        path = EXAMPLES / name
+        path.write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        thumbnail(workflow).save(path.with_suffix(".jpg"), quality=90)
+        print(f"wrote example_workflows/{name} and its thumbnail")
 
 
 if __name__ == "__main__":
+    import env  # tools/: the thumbnails need Pillow, which the cached environment has
+
+    env.reexec_in_env(Path(__file__))
     main()

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The main job: run a workflow from workflows/ headless in a real ComfyUI and print where the images went.
+"""The main job: run a workflow from example_workflows/ headless in a real ComfyUI and print where the images went.
 
     python3 tools/demo.py                                   # text-to-image on built-in tiny random weights
     python3 tools/demo.py --models ~/ComfyUI/models         # on your own Qwen-Image files
-    python3 tools/demo.py --workflow workflows/X.json --set prompt="a red fox" --set seed=7
+    python3 tools/demo.py --workflow example_workflows/X.json --set prompt="a red fox" --set seed=7
 
 Tiny weights are random: their images are structured noise, which proves the whole path (load, encode, sample,
 decode, save) runs, not that the model draws.  ``--set NAME=VALUE`` sets every node input called NAME (widgets
@@ -29,7 +29,7 @@ from host import ComfyHost  # noqa: E402
 from tiny_models.images import example_inputs  # noqa: E402
 from workflow import ui_to_api  # noqa: E402
 
-DEFAULT_WORKFLOW = env.REPO_ROOT / "workflows" / "qwen_image_t2i.json"
+DEFAULT_WORKFLOW = env.REPO_ROOT / "example_workflows" / "qwen_image_t2i.json"
 
 
 def _parse_value(text: str):
