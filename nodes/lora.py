@@ -34,13 +34,17 @@ def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(tensor.logical_shape if isinstance(tensor, QuantizedTensor) else tensor.shape)
 
 
+# What marks a scaled fp8 layer: legacy scaled fp8 (``scale_weight``), mixed-precision "comfy_quant" files in our
+# casting (``weight_scale``) or in the host's mixed-precision layers (a quantized ``layout_type``).
+_FP8_SCALE_ATTRIBUTES = ("scale_weight", "weight_scale", "layout_type")
+
+
 def _plain_fp8(dit: torch.nn.Module) -> bool:
-    """Whether the DiT's Linear weights are fp8 without a per-layer scale (the host's scaled fp8 layers carry
-    ``scale_weight``)."""
+    """Whether the DiT's Linear weights are fp8 without a per-layer scale."""
     for module in dit.modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.dtype in FLOAT8_DTYPES:
-            return getattr(module, "scale_weight", None) is None
+            return all(getattr(module, name, None) is None for name in _FP8_SCALE_ATTRIBUTES)
     return False
 
 

@@ -44,9 +44,10 @@ __all__ = ["QuantizedTensor", "DequantContext", "GGUFOps", "enable_dequant_cache
            "ONE_VECTOR_LAYERS", "LoraDelta"]
 
 # The DiT's Linears that see one vector per step: the modulations and the timestep MLP (img_mod / txt_mod alone are
-# a third of all parameters).  Dequantizing them at every step costs far more than their matmuls.
-ONE_VECTOR_LAYERS = ("img_mod.1", "txt_mod.1", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
-                     "time_text_embed.timestep_embedder.linear_2")
+# a third of all parameters; 2.1 shares one ``modulation.1``).  Dequantizing them at every step costs far more than
+# their matmuls.
+ONE_VECTOR_LAYERS = ("img_mod.1", "txt_mod.1", "modulation.1", "norm_out.linear",
+                     "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2")
 
 # (up [out, r], down [r, in...], scale) - the merged delta is scale * up @ down - or a dense delta tensor.
 LoraDelta = tuple[torch.Tensor, torch.Tensor, float]
