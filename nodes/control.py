@@ -20,8 +20,8 @@ import comfy.model_patcher
 
 from ..models import (QWEN_IMAGE_LATENT, blockwise_inpaint_latent, controlnet_inpaint_latent, load_blockwise_control,
                       load_controlnet, resize_images)
-from .common import BLOCKWISE_TYPE, CATEGORY, mappings, weight_dtype_input
-from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, model_input
+from .common import CONTROL, BlockwiseControl, Node, io, loader_inputs, mappings, output, schema
+from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, list_models
 from .host.model import BLOCKWISE_PATCHES, QwenImageLatentFormat, as_image_latent
 from .host.ops import compute_dtype, host_ops
 
@@ -148,26 +148,24 @@ def _wrap(module, load_device) -> comfy.model_patcher.ModelPatcher:
     return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=mm.unet_offload_device())
 
 
-class ControlNetLoader:
-    NODE_ID = "ControlNetLoader"
-    DISPLAY_NAME = "Load Qwen-Image ControlNet"
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("CONTROL_NET",)
-    OUTPUT_TOOLTIPS = ("The ControlNet-Union (or its Inpainting variant), usable with the apply nodes.",)
-    DESCRIPTION = ("Loads the InstantX Qwen-Image ControlNet-Union (canny, soft edge, depth, pose) or the "
-                   "Inpainting ControlNet, as safetensors (bf16/fp16/fp32), a diffusers folder or GGUF.")
+def _strength_input(minimum: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input("strength", default=1.0, min=minimum, max=10.0, step=0.01, tooltip=tooltip)
+
+
+class ControlNetLoader(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "ControlNetLoader", "Load Qwen-Image ControlNet", CONTROL,
+            "Loads the InstantX Qwen-Image ControlNet-Union (canny, soft edge, depth, pose) or the Inpainting "
+            "ControlNet, as safetensors (bf16/fp16/fp32), a diffusers folder or GGUF.",
+            inputs=loader_inputs("control_net_name", list_models("controlnet", "controlnet", WEIGHT_EXTENSIONS),
+                                 "A file or folder in models/controlnet, e.g. Qwen-Image-InstantX-ControlNet-Union."),
+            outputs=[output(io.ControlNet, None, "The ControlNet-Union (or its Inpainting variant), usable with the "
+                                                 "apply nodes.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "control_net_name": model_input("controlnet", "controlnet", WEIGHT_EXTENSIONS,
-                                            "A file or folder in models/controlnet, e.g. "
-                                            "Qwen-Image-InstantX-ControlNet-Union."),
-            "weight_dtype": weight_dtype_input(),
-        }}
-
-    def load(self, control_net_name: str, weight_dtype: str):
+    def execute(cls, control_net_name: str, weight_dtype: str) -> io.NodeOutput:
         load_device = mm.get_torch_device()
         compute = compute_dtype(weight_dtype, load_device)
         with chosen_file("controlnet", "control_net_name", control_net_name) as path:
@@ -175,46 +173,40 @@ class ControlNetLoader:
                                      ops=host_ops(path, compute)[0])
         logger.info("Qwen-Image ControlNet: %s (%d blocks%s)", control_net_name, len(module.transformer_blocks),
                     ", inpainting" if module.config.extra_channels else "")
-        return (QwenImageControl(_wrap(module, load_device)),)
+        return io.NodeOutput(QwenImageControl(_wrap(module, load_device)))
 
 
-class ControlNetApply:
-    NODE_ID = "ControlNetApply"
-    DISPLAY_NAME = "Qwen-Image ControlNet Apply"
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
-    OUTPUT_TOOLTIPS = ("The prompt conditioning with the control attached.", "The negative, with the same control.")
-    DESCRIPTION = ("Guides generation with a control image (canny / soft edge / depth / pose, or inpainting with "
-                   "a mask). Chain several apply nodes to combine controls; their residuals add up.")
+class ControlNetApply(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "ControlNetApply", "Qwen-Image ControlNet Apply", CONTROL,
+            "Guides generation with a control image (canny / soft edge / depth / pose, or inpainting with a mask). "
+            "Chain several apply nodes to combine controls; their residuals add up.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The prompt conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative conditioning (gets the same residuals)."),
+                io.ControlNet.Input("control_net", tooltip="From Load Qwen-Image ControlNet."),
+                io.Vae.Input("vae", tooltip="The Qwen-Image VAE, to encode the control image."),
+                io.Image.Input("image", tooltip="The control image (an edge map, depth map, pose image...), resized "
+                                                "to the output size."),
+                _strength_input(0.0, "How strongly the control steers (the reference's "
+                                     "controlnet_conditioning_scale; 0 = off)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the control starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which the control stops."),
+                io.Mask.Input("mask", optional=True, tooltip="Inpainting ControlNet only: the area to repaint (1)."),
+            ],
+            outputs=[output(io.Conditioning, "positive", "The prompt conditioning with the control attached."),
+                     output(io.Conditioning, "negative", "The negative, with the same control.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "positive": ("CONDITIONING", {"tooltip": "The prompt conditioning."}),
-                "negative": ("CONDITIONING", {"tooltip": "The negative conditioning (gets the same residuals)."}),
-                "control_net": ("CONTROL_NET", {"tooltip": "From Load Qwen-Image ControlNet."}),
-                "vae": ("VAE", {"tooltip": "The Qwen-Image VAE, to encode the control image."}),
-                "image": ("IMAGE", {"tooltip": "The control image (an edge map, depth map, pose image...), "
-                                               "resized to the output size."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "How strongly the control steers (the reference's "
-                                                  "controlnet_conditioning_scale; 0 = off)."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                                            "tooltip": "Sampling progress at which the control starts."}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                                          "tooltip": "Sampling progress at which the control stops."}),
-            },
-            "optional": {"mask": ("MASK", {"tooltip": "Inpainting ControlNet only: the area to repaint (1)."})},
-        }
-
-    def apply(self, positive, negative, control_net, vae, image, strength: float, start_percent: float,
-              end_percent: float, mask=None):
+    def execute(cls, positive, negative, control_net, vae, image, strength: float, start_percent: float,
+                end_percent: float, mask=None) -> io.NodeOutput:
         image = control_image(image)
         if strength == 0:
-            return (positive, negative)
+            return io.NodeOutput(positive, negative)
         context = positive[0][0]  # like the reference: residuals from the prompt, reused for the negative pass
         attached: dict = {}
         outputs = []
@@ -235,92 +227,80 @@ class ControlNetApply:
                 options["control_apply_to_uncond"] = False
                 result.append([tensor, options])
             outputs.append(result)
-        return tuple(outputs)
+        return io.NodeOutput(*outputs)
 
 
-class BlockwiseControlLoader:
-    NODE_ID = "BlockwiseControlLoader"
-    DISPLAY_NAME = "Load Qwen-Image DiffSynth Control Patch"
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (BLOCKWISE_TYPE,)
-    OUTPUT_TOOLTIPS = ("A DiffSynth blockwise control (canny, depth or inpaint) for Qwen-Image Blockwise Apply.",)
-    DESCRIPTION = "Loads a DiffSynth blockwise ControlNet patch for Qwen-Image from models/model_patches."
+class BlockwiseControlLoader(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "BlockwiseControlLoader", "Load Qwen-Image DiffSynth Control Patch", CONTROL,
+            "Loads a DiffSynth blockwise ControlNet patch for Qwen-Image from models/model_patches.",
+            inputs=loader_inputs("patch_name", list_models("model_patches", "model_patches", SAFETENSORS_EXTENSIONS),
+                                 "e.g. qwen_image_canny_diffsynth_controlnet.safetensors in models/model_patches."),
+            outputs=[output(BlockwiseControl, None, "A DiffSynth blockwise control (canny, depth or inpaint) for "
+                                                    "Qwen-Image DiffSynth Control Apply.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "patch_name": model_input("model_patches", "model_patches", SAFETENSORS_EXTENSIONS,
-                                      "e.g. qwen_image_canny_diffsynth_controlnet.safetensors in "
-                                      "models/model_patches."),
-            "weight_dtype": weight_dtype_input(),
-        }}
-
-    def load(self, patch_name: str, weight_dtype: str):
+    def execute(cls, patch_name: str, weight_dtype: str) -> io.NodeOutput:
         load_device = mm.get_torch_device()
         compute = compute_dtype(weight_dtype, load_device)
         with chosen_file("model_patches", "patch_name", patch_name) as path:
             module = load_blockwise_control(path, dtype=compute, device=mm.unet_offload_device(),
                                             ops=host_ops(path, compute)[0])
-        return (_wrap(module, load_device),)
+        return io.NodeOutput(_wrap(module, load_device))
 
 
-class BlockwiseControlApply:
-    NODE_ID = "BlockwiseControlApply"
-    DISPLAY_NAME = "Qwen-Image DiffSynth Control Apply"
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the control patch applied after every DiT block.",)
-    DESCRIPTION = "Applies a DiffSynth blockwise control patch (canny, depth, inpaint) to the Qwen-Image model."
+class BlockwiseControlApply(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "BlockwiseControlApply", "Qwen-Image DiffSynth Control Apply", CONTROL,
+            "Applies a DiffSynth blockwise control patch (canny, depth, inpaint) to the Qwen-Image model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Qwen-Image model."),
+                BlockwiseControl.Input("control", tooltip="From Load Qwen-Image DiffSynth Control Patch."),
+                io.Vae.Input("vae", tooltip="The Qwen-Image VAE, to encode the control image."),
+                io.Image.Input("image", tooltip="The control image (edge map, depth map, or the image to inpaint)."),
+                _strength_input(-10.0, "Scale of the control residuals (0 = off)."),
+                io.Mask.Input("mask", optional=True, tooltip="Inpaint patch only: the area to repaint (1)."),
+            ],
+            outputs=[output(io.Model, None, "The model with the control patch applied after every DiT block.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The Qwen-Image model."}),
-                "control": (BLOCKWISE_TYPE, {"tooltip": "From Load Qwen-Image DiffSynth Control Patch."}),
-                "vae": ("VAE", {"tooltip": "The Qwen-Image VAE, to encode the control image."}),
-                "image": ("IMAGE", {"tooltip": "The control image (edge map, depth map, or the image to inpaint)."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "Scale of the control residuals (0 = off)."}),
-            },
-            "optional": {"mask": ("MASK", {"tooltip": "Inpaint patch only: the area to repaint (1)."})},
-        }
-
-    def apply(self, model, control, vae, image, strength: float, mask=None):
+    def execute(cls, model, control, vae, image, strength: float, mask=None) -> io.NodeOutput:
         image = control_image(image)
         patched = model.clone()
         if strength != 0:
             patched.set_model_patch(BlockwisePatch(control, vae, image, strength, mask), BLOCKWISE_PATCHES)
-        return (patched,)
+        return io.NodeOutput(patched)
 
 
-class ControlPreprocess:
-    NODE_ID = "ControlPreprocess"
-    DISPLAY_NAME = "Qwen-Image Control Preprocessor"
-    CATEGORY = CATEGORY
-    FUNCTION = "process"
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The control image for the ControlNet (white structure on black).",)
-    DESCRIPTION = ("Built-in preprocessing: canny edges, a soft edge map (blurred Sobel magnitude, HED-like), or "
-                   "pass-through for depth or pose maps you already have.")
-    METHODS = ("canny", "soft edge", "none (depth / pose map as given)")
+METHODS = ("canny", "soft edge", "none (depth / pose map as given)")
+
+
+class ControlPreprocess(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "ControlPreprocess", "Qwen-Image Control Preprocessor", CONTROL,
+            "Built-in preprocessing: canny edges, a soft edge map (blurred Sobel magnitude, HED-like), or "
+            "pass-through for depth or pose maps you already have.",
+            inputs=[
+                io.Image.Input("image", tooltip="The picture to extract structure from (or a ready control map)."),
+                io.Combo.Input("method", options=list(METHODS),
+                               tooltip="Which control to make; match it to the ControlNet mode."),
+                io.Float.Input("low_threshold", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="Canny: weaker edges below this are dropped."),
+                io.Float.Input("high_threshold", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Canny: edges above this are always kept."),
+            ],
+            outputs=[output(io.Image, None, "The control image for the ControlNet (white structure on black).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "The picture to extract structure from (or a ready control map)."}),
-            "method": (list(cls.METHODS), {"tooltip": "Which control to make; match it to the ControlNet mode."}),
-            "low_threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Canny: weaker edges below this are dropped."}),
-            "high_threshold": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
-                                         "tooltip": "Canny: edges above this are always kept."}),
-        }}
-
-    def process(self, image, method: str, low_threshold: float, high_threshold: float):
-        if method == self.METHODS[2]:
-            return (image,)
+    def execute(cls, image, method: str, low_threshold: float, high_threshold: float) -> io.NodeOutput:
+        if method == METHODS[2]:
+            return io.NodeOutput(image)
         gray = image[..., :3].movedim(-1, 1).float().mean(dim=1, keepdim=True)
         if method == "canny":
             try:
@@ -335,7 +315,7 @@ class ControlPreprocess:
             edges = kornia.filters.canny(gray, low_threshold=low_threshold, high_threshold=high_threshold)[1]
         else:
             edges = soft_edges(gray)
-        return (edges.clamp(0, 1).expand(-1, 3, -1, -1).movedim(1, -1).contiguous(),)
+        return io.NodeOutput(edges.clamp(0, 1).expand(-1, 3, -1, -1).movedim(1, -1).contiguous())
 
 
 def soft_edges(gray: torch.Tensor) -> torch.Tensor:

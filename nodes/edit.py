@@ -19,7 +19,7 @@ import comfy.model_management as mm
 
 from ..models import (EDIT_PLUS_VL_AREA, QWEN_IMAGE_LATENT, REFERENCE_AREA, lanczos_resize, policy_size,
                       resize_images, resize_mask)
-from .common import CATEGORY, DEFAULT_NEGATIVE, IMAGE_LIST_TYPE, TEXT_ENCODER_TYPE, mappings
+from .common import DEFAULT_NEGATIVE, EDIT, ImageList, Node, TextEncoder, io, mappings, output, prompt_input, schema
 
 MODE_EDIT = "Qwen-Image-Edit (one image)"
 MODE_EDIT_PLUS = "Qwen-Image-Edit-2509 / 2511 (one or more images)"
@@ -83,57 +83,56 @@ def _vl_images(images: list[torch.Tensor], references: list[torch.Tensor], mode:
     return [img[0] for img in sized]
 
 
-class EditEncode:
-    NODE_ID = "EditEncode"
-    DISPLAY_NAME = "Qwen-Image Edit Encode"
-    CATEGORY = CATEGORY
-    FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT", "IMAGE")
-    RETURN_NAMES = ("positive", "negative", "latent", "sized_images")
-    OUTPUT_TOOLTIPS = ("Instruction + images (VL) and the images' latents as references.",
-                       "The negative prompt with the same images.",
-                       "The target latent on the grid of the chosen image (with the mask, if given).",
-                       "The images as the VAE saw them (policy size), for inspection.")
-    DESCRIPTION = ("Dual encoding for Qwen-Image-Edit: each image goes to Qwen2.5-VL with the instruction and "
-                   "through the VAE as a reference latent, all sized by one policy (no zoom, no shift).")
+def _size_inputs() -> list[io.Input]:
+    """The area and size_multiple every edit node sizes its images with."""
+    return [io.Combo.Input("area", options=list(AREAS), default="1024x1024 (reference)", tooltip=AREA_TOOLTIP),
+            io.Int.Input("size_multiple", default=32, min=SIZE_STEP, max=128, step=SIZE_STEP,
+                         tooltip=MULTIPLE_TOOLTIP)]
+
+
+class EditEncode(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        area, size_multiple = _size_inputs()
+        return schema(
+            "EditEncode", "Qwen-Image Edit Encode", EDIT,
+            "Dual encoding for Qwen-Image-Edit: each image goes to Qwen2.5-VL with the instruction and through the VAE "
+            "as a reference latent, all sized by one policy (no zoom, no shift).",
+            inputs=[
+                TextEncoder.Input("text_encoder", tooltip="From Load Qwen-Image Text Encoder (Qwen2.5-VL)."),
+                io.Vae.Input("vae", tooltip="The Qwen-Image VAE: encodes the images as reference latents."),
+                io.Image.Input("image", tooltip="The image to edit (a batch counts as several images)."),
+                prompt_input("prompt", "The edit instruction, e.g. 'Replace the sky with a sunset'. With several "
+                                       "images, refer to them as Picture 1, Picture 2, ..."),
+                prompt_input("negative_prompt", "What to avoid (used when CFG > 1), encoded with the same images.",
+                             default=DEFAULT_NEGATIVE),
+                io.Combo.Input("mode", options=[MODE_EDIT_PLUS, MODE_EDIT],
+                               tooltip="Edit-2509/2511 take any number of images ('Picture i:' prompt); the original "
+                                       "Qwen-Image-Edit takes exactly one."),
+                area,
+                io.Combo.Input("vl_area", options=[VL_REFERENCE, VL_SAME, VL_EDIT_PLUS], tooltip=VL_TOOLTIP),
+                size_multiple,
+                io.Combo.Input("latent_from", options=list(LATENT_FROM),
+                               tooltip="Which image's grid the output latent takes (the reference uses the last)."),
+                io.Image.Input("image2", optional=True, tooltip="A second image (Edit-2509/2511)."),
+                io.Image.Input("image3", optional=True, tooltip="A third image (Edit-2509/2511)."),
+                ImageList.Input("more_images", optional=True,
+                                tooltip="Any number of further images, from Qwen-Image Image List nodes."),
+                io.Mask.Input("mask", optional=True, tooltip="Edit only inside this mask (1 = edit); the outside is "
+                                                             "kept from the latent_from image at every step."),
+            ],
+            outputs=[
+                output(io.Conditioning, "positive", "Instruction + images (VL) and the images' latents as references."),
+                output(io.Conditioning, "negative", "The negative prompt with the same images."),
+                output(io.Latent, "latent", "The target latent on the grid of the chosen image (with the mask, if "
+                                            "given)."),
+                output(io.Image, "sized_images", "The images as the VAE saw them (policy size), for inspection."),
+            ])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "text_encoder": (TEXT_ENCODER_TYPE, {"tooltip": "From Load Qwen-Image Text Encoder (Qwen2.5-VL)."}),
-                "vae": ("VAE", {"tooltip": "The Qwen-Image VAE: encodes the images as reference latents."}),
-                "image": ("IMAGE", {"tooltip": "The image to edit (a batch counts as several images)."}),
-                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
-                                      "tooltip": "The edit instruction, e.g. 'Replace the sky with a sunset'. With "
-                                                 "several images, refer to them as Picture 1, Picture 2, ..."}),
-                "negative_prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                               "default": DEFAULT_NEGATIVE,
-                                               "tooltip": "What to avoid (used when CFG > 1), encoded with the "
-                                                          "same images."}),
-                "mode": ([MODE_EDIT_PLUS, MODE_EDIT], {
-                    "tooltip": "Edit-2509/2511 take any number of images ('Picture i:' prompt); the original "
-                               "Qwen-Image-Edit takes exactly one."}),
-                "area": (list(AREAS), {"default": "1024x1024 (reference)", "tooltip": AREA_TOOLTIP}),
-                "vl_area": ([VL_REFERENCE, VL_SAME, VL_EDIT_PLUS], {"tooltip": VL_TOOLTIP}),
-                "size_multiple": ("INT", {"default": 32, "min": SIZE_STEP, "max": 128, "step": SIZE_STEP,
-                                          "tooltip": MULTIPLE_TOOLTIP}),
-                "latent_from": (list(LATENT_FROM), {
-                    "tooltip": "Which image's grid the output latent takes (the reference uses the last)."}),
-            },
-            "optional": {
-                "image2": ("IMAGE", {"tooltip": "A second image (Edit-2509/2511)."}),
-                "image3": ("IMAGE", {"tooltip": "A third image (Edit-2509/2511)."}),
-                "more_images": (IMAGE_LIST_TYPE, {"tooltip": "Any number of further images, from Qwen-Image Image "
-                                                             "List nodes."}),
-                "mask": ("MASK", {"tooltip": "Edit only inside this mask (1 = edit); the outside is kept from the "
-                                             "latent_from image at every step."}),
-            },
-        }
-
-    def encode(self, text_encoder, vae, image, prompt: str, negative_prompt: str, mode: str, area: str,
-               vl_area: str, size_multiple: int, latent_from: str, image2=None, image3=None, more_images=None,
-               mask=None):
+    def execute(cls, text_encoder, vae, image, prompt: str, negative_prompt: str, mode: str, area: str,
+                vl_area: str, size_multiple: int, latent_from: str, image2=None, image3=None, more_images=None,
+                mask=None) -> io.NodeOutput:
         images = _image_list(image) + _image_list(image2) + _image_list(image3) + list(more_images or [])
         if not images:
             raise ValueError(f"image: {EMPTY_BATCH}")
@@ -147,80 +146,66 @@ class EditEncode:
         positive, negative = text_encoder.encode_prompts([prompt, negative_prompt], images=vl, template=template)
         chosen = -1 if latent_from == LATENT_FROM[0] else 0
         sized = references if len({r.shape for r in references}) == 1 else [references[chosen]]
-        return (text_encoder.conditioning(positive, reference_latents=latents),
-                text_encoder.conditioning(negative, reference_latents=latents),
-                _target_latent(references[chosen], mask, latents[chosen]), torch.cat(sized))
+        return io.NodeOutput(text_encoder.conditioning(positive, reference_latents=latents),
+                             text_encoder.conditioning(negative, reference_latents=latents),
+                             _target_latent(references[chosen], mask, latents[chosen]), torch.cat(sized))
 
 
-class EditLatent:
-    NODE_ID = "EditLatent"
-    DISPLAY_NAME = "Qwen-Image Edit Latent"
-    CATEGORY = CATEGORY
-    FUNCTION = "latent"
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The target latent on the image's policy grid (the image's latent + mask when masked).",)
-    DESCRIPTION = "The empty (or masked) target latent on the same grid as an edit reference image."
+class EditLatent(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "EditLatent", "Qwen-Image Edit Latent", EDIT,
+            "The empty (or masked) target latent on the same grid as an edit reference image.",
+            inputs=[
+                io.Image.Input("image", tooltip="The reference image whose grid the output takes (first of a batch)."),
+                *_size_inputs(),
+                io.Vae.Input("vae", optional=True, tooltip="Needed with a mask: the unmasked area is kept from this "
+                                                           "image."),
+                io.Mask.Input("mask", optional=True, tooltip="Edit only inside this mask (1 = edit)."),
+            ],
+            outputs=[output(io.Latent, None, "The target latent on the image's policy grid (the image's latent + mask "
+                                             "when masked).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "image": ("IMAGE", {"tooltip": "The reference image whose grid the output takes (first of a batch)."}),
-                "area": (list(AREAS), {"default": "1024x1024 (reference)", "tooltip": AREA_TOOLTIP}),
-                "size_multiple": ("INT", {"default": 32, "min": SIZE_STEP, "max": 128, "step": SIZE_STEP,
-                                          "tooltip": MULTIPLE_TOOLTIP}),
-            },
-            "optional": {
-                "vae": ("VAE", {"tooltip": "Needed with a mask: the unmasked area is kept from this image."}),
-                "mask": ("MASK", {"tooltip": "Edit only inside this mask (1 = edit)."}),
-            },
-        }
-
-    def latent(self, image, area: str, size_multiple: int, vae=None, mask=None):
+    def execute(cls, image, area: str, size_multiple: int, vae=None, mask=None) -> io.NodeOutput:
         if image.shape[0] == 0:
             raise ValueError(f"image: {EMPTY_BATCH}")
         reference = _sized(image[:1, ..., :3], AREAS[area], size_multiple)
         samples = vae.encode(reference) if mask is not None and vae is not None else None
-        return (_target_latent(reference, mask, samples),)
+        return io.NodeOutput(_target_latent(reference, mask, samples))
 
 
-class ImageList:
-    NODE_ID = "ImageList"
-    DISPLAY_NAME = "Qwen-Image Image List"
-    CATEGORY = CATEGORY
-    FUNCTION = "append"
-    RETURN_TYPES = (IMAGE_LIST_TYPE,)
-    OUTPUT_TOOLTIPS = ("The images so far, for Edit Encode's more_images (chain as many as you need).",)
-    DESCRIPTION = "Collects edit images of any sizes into a list, so an edit can use more than three images."
+class ImageListNode(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "ImageList", "Qwen-Image Image List", EDIT,
+            "Collects edit images of any sizes into a list, so an edit can use more than three images.",
+            inputs=[io.Image.Input("image", tooltip="Image(s) to append (a batch appends each one)."),
+                    ImageList.Input("images", optional=True, tooltip="A list to extend (from another Image List).")],
+            outputs=[output(ImageList, None, "The images so far, for Edit Encode's more_images (chain as many as you "
+                                             "need).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"image": ("IMAGE", {"tooltip": "Image(s) to append (a batch appends each one)."})},
-                "optional": {"images": (IMAGE_LIST_TYPE, {"tooltip": "A list to extend (from another Image List)."})}}
-
-    def append(self, image, images=None):
-        return (list(images or []) + _image_list(image),)
+    def execute(cls, image, images=None) -> io.NodeOutput:
+        return io.NodeOutput(list(images or []) + _image_list(image))
 
 
-class RestoreSize:
-    NODE_ID = "RestoreSize"
-    DISPLAY_NAME = "Qwen-Image Restore Size"
-    CATEGORY = CATEGORY
-    FUNCTION = "restore"
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The edited image at the original image's exact size.",)
-    DESCRIPTION = ("Scales an edit result back to the input image's exact pixel size with the same centre-aligned "
-                   "kernel the policy used, so the result overlays the input without a shift.")
+class RestoreSize(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "RestoreSize", "Qwen-Image Restore Size", EDIT,
+            "Scales an edit result back to the input image's exact pixel size with the same centre-aligned kernel the "
+            "policy used, so the result overlays the input without a shift.",
+            inputs=[io.Image.Input("image", tooltip="The decoded edit result."),
+                    io.Image.Input("original", tooltip="The input image whose size to restore.")],
+            outputs=[output(io.Image, None, "The edited image at the original image's exact size.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "The decoded edit result."}),
-            "original": ("IMAGE", {"tooltip": "The input image whose size to restore."}),
-        }}
-
-    def restore(self, image, original):
-        return (resize_images(image, original.shape[2], original.shape[1]),)
+    def execute(cls, image, original) -> io.NodeOutput:
+        return io.NodeOutput(resize_images(image, original.shape[2], original.shape[1]))
 
 
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(EditEncode, EditLatent, ImageList, RestoreSize)
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(EditEncode, EditLatent, ImageListNode, RestoreSize)

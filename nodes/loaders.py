@@ -13,9 +13,9 @@ import comfy.model_management as mm
 import comfy.ops
 
 from ..models import FLOAT8_DTYPES, load_diffusion_model, load_text_encoder, load_vae
-from .common import CATEGORY, TEXT_ENCODER_TYPE, mappings, weight_dtype_input
+from .common import LOADERS, Node, TextEncoder, io, loader_inputs, mappings, output, schema
 from .host.components import HostTextEncoder, HostVAE, host_tokenizer_dir
-from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, model_input
+from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, list_models
 from .host.model import HostQwenImageDiT, wrap_diffusion_model
 from .host.ops import compute_dtype, host_ops, set_gguf_dequant_cache
 
@@ -26,35 +26,29 @@ ZERO_COND = {"auto (from the file)": None, "on (Edit-2511)": True, "off": False}
 FAMILY = "qwen_image"
 
 
-class DiffusionModelLoader:
-    NODE_ID = "DiffusionModelLoader"
-    DISPLAY_NAME = "Load Qwen-Image Diffusion Model"
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The Qwen-Image DiT, managed by ComfyUI like its own models.",)
-    DESCRIPTION = ("Loads a Qwen-Image / Qwen-Image-Edit (2509, 2511) diffusion model: Comfy-Org single files "
-                   "(bf16, fp16, fp8, scaled fp8), diffusers transformer folders, or GGUF.")
+class DiffusionModelLoader(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "DiffusionModelLoader", "Load Qwen-Image Diffusion Model", LOADERS,
+            "Loads a Qwen-Image / Qwen-Image-Edit (2509, 2511) diffusion model: Comfy-Org single files (bf16, fp16, "
+            "fp8, scaled fp8), diffusers transformer folders, or GGUF.",
+            inputs=[
+                *loader_inputs("model_name", list_models("diffusion_models", "transformer", WEIGHT_EXTENSIONS),
+                               "A file or diffusers folder in models/diffusion_models (or models/unet)."),
+                io.Combo.Input("edit_2511", options=list(ZERO_COND), tooltip=(
+                    "Edit-2511 modulates the reference images with t = 0 (zero_cond_t). Detected from the file "
+                    "(Comfy-Org marker or diffusers config); force it for files that lack the marker.")),
+                io.Boolean.Input("dequant_cache", default=True, optional=True, tooltip=(
+                    "GGUF only: keep the weights used for one vector per step (the modulations, a third of the "
+                    "model, and the timestep layers) dequantized after the first step, at most 1 GiB in bf16 (2 GiB "
+                    "in fp32): faster steps, counted in the memory ComfyUI plans for. Turn off for the tightest "
+                    "memory.")),
+            ],
+            outputs=[output(io.Model, None, "The Qwen-Image DiT, managed by ComfyUI like its own models.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model_name": model_input("diffusion_models", "transformer", WEIGHT_EXTENSIONS,
-                                      "A file or diffusers folder in models/diffusion_models (or models/unet)."),
-            "weight_dtype": weight_dtype_input(),
-            "edit_2511": (list(ZERO_COND), {
-                "tooltip": "Edit-2511 modulates the reference images with t = 0 (zero_cond_t). Detected from the "
-                           "file (Comfy-Org marker or diffusers config); force it for files that lack the marker."}),
-        }, "optional": {
-            "dequant_cache": ("BOOLEAN", {
-                "default": True,
-                "tooltip": "GGUF only: keep the weights used for one vector per step (the modulations, a third of "
-                           "the model, and the timestep layers) dequantized after the first step, at most 1 GiB in "
-                           "bf16 (2 GiB in fp32): faster steps, counted in the memory ComfyUI plans for. Turn off "
-                           "for the tightest memory."}),
-        }}
-
-    def load(self, model_name: str, weight_dtype: str, edit_2511: str, dequant_cache: bool = True):
+    def execute(cls, model_name: str, weight_dtype: str, edit_2511: str, dequant_cache: bool = True) -> io.NodeOutput:
         compute = compute_dtype(weight_dtype, mm.get_torch_device(), fp16_safe=True)
         with chosen_file("diffusion_models", "model_name", model_name) as path:
             ops, stored = host_ops(path, compute)
@@ -67,29 +61,23 @@ class DiffusionModelLoader:
             logger.info("Qwen-Image DiT: Edit-2511 zero_cond_t set %s by the loader", "on" if dit.config.zero_cond_t
                         else "off")
         storage = stored if stored in FLOAT8_DTYPES else compute
-        return (wrap_diffusion_model(dit, storage, compute if storage != compute else None),)
+        return io.NodeOutput(wrap_diffusion_model(dit, storage, compute if storage != compute else None))
 
 
-class TextEncoderLoader:
-    NODE_ID = "TextEncoderLoader"
-    DISPLAY_NAME = "Load Qwen-Image Text Encoder"
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (TEXT_ENCODER_TYPE,)
-    OUTPUT_TOOLTIPS = ("The Qwen2.5-VL condition encoder with its tokenizer.",)
-    DESCRIPTION = ("Loads the Qwen2.5-VL-7B condition encoder: Comfy single files (bf16, scaled fp8), HF folders, "
-                   "or a llama.cpp GGUF; editing also needs its mmproj-*.gguf next to it.")
+class TextEncoderLoader(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "TextEncoderLoader", "Load Qwen-Image Text Encoder", LOADERS,
+            "Loads the Qwen2.5-VL-7B condition encoder: Comfy single files (bf16, scaled fp8), HF folders, or a "
+            "llama.cpp GGUF; editing also needs its mmproj-*.gguf next to it.",
+            inputs=loader_inputs("text_encoder_name", list_models("text_encoders", "text_encoder", WEIGHT_EXTENSIONS),
+                                 "A file or HF folder in models/text_encoders (or models/clip), e.g. "
+                                 "qwen_2.5_vl_7b.safetensors."),
+            outputs=[output(TextEncoder, None, "The Qwen2.5-VL condition encoder with its tokenizer.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "text_encoder_name": model_input("text_encoders", "text_encoder", WEIGHT_EXTENSIONS,
-                                             "A file or HF folder in models/text_encoders (or models/clip), e.g. "
-                                             "qwen_2.5_vl_7b.safetensors."),
-            "weight_dtype": weight_dtype_input(),
-        }}
-
-    def load(self, text_encoder_name: str, weight_dtype: str):
+    def execute(cls, text_encoder_name: str, weight_dtype: str) -> io.NodeOutput:
         load_device = mm.text_encoder_device()
         compute = compute_dtype(weight_dtype, load_device)
         with chosen_file("text_encoders", "text_encoder_name", text_encoder_name) as path:
@@ -98,32 +86,27 @@ class TextEncoderLoader:
                                         family=FAMILY)
         logger.info("Qwen-Image text encoder: %s (%s, vision tower: %s)", text_encoder_name, compute,
                     "yes" if encoder.has_vision else "no")
-        return (HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device(), text_encoder_name),)
+        return io.NodeOutput(HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device(), text_encoder_name))
 
 
-class VAELoader:
-    NODE_ID = "VAELoader"
-    DISPLAY_NAME = "Load Qwen-Image VAE"
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("VAE",)
-    OUTPUT_TOOLTIPS = ("The Qwen-Image VAE; works with the core VAE Decode / VAE Encode nodes too.",)
-    DESCRIPTION = "Loads the Qwen-Image VAE (qwen_image_vae.safetensors, or a diffusers vae folder)."
+class VAELoader(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "VAELoader", "Load Qwen-Image VAE", LOADERS,
+            "Loads the Qwen-Image VAE (qwen_image_vae.safetensors, or a diffusers vae folder).",
+            inputs=loader_inputs("vae_name", list_models("vae", "vae", SAFETENSORS_EXTENSIONS),
+                                 "A file or diffusers folder in models/vae, e.g. qwen_image_vae.safetensors."),
+            outputs=[output(io.Vae, None, "The Qwen-Image VAE; works with the core VAE Decode / VAE Encode nodes "
+                                          "too.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "vae_name": model_input("vae", "vae", SAFETENSORS_EXTENSIONS,
-                                    "A file or diffusers folder in models/vae, e.g. qwen_image_vae.safetensors."),
-            "weight_dtype": weight_dtype_input(),
-        }}
-
-    def load(self, vae_name: str, weight_dtype: str):
+    def execute(cls, vae_name: str, weight_dtype: str) -> io.NodeOutput:
         compute = compute_dtype(weight_dtype, mm.vae_device())
         with chosen_file("vae", "vae_name", vae_name) as path:
             vae = load_vae(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init,
                            family=FAMILY)
-        return (HostVAE(vae),)
+        return io.NodeOutput(HostVAE(vae))
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(DiffusionModelLoader, TextEncoderLoader, VAELoader)

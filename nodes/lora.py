@@ -19,12 +19,11 @@ import comfy.utils
 import folder_paths
 
 from ..models import FLOAT8_DTYPES, NormalizedLora, QuantizedTensor, normalize_lora
-from .common import CATEGORY, TEXT_ENCODER_TYPE, mappings
+from .common import LOADERS, Node, TextEncoder, io, mappings, output, schema
 from .host.files import chosen_file
 
 logger = logging.getLogger("qwen_image")
 DIT_PREFIX = "diffusion_model."  # where the host's BaseModel holds the DiT; its key map covers these names
-STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 LIGHTNING_ON_FP8 = ("a Lightning LoRA that was not distilled for fp8 on a plain (unscaled) fp8 model gives grid "
                     "artifacts: use the fp8-distilled Lightning LoRA (its file name says fp8) or the scaled fp8 / "
                     "bf16 model")
@@ -70,51 +69,55 @@ def _patched_text_encoder(text_encoder, lora: NormalizedLora, prefix: str, stren
     return text_encoder, len(added)
 
 
-class LoraLoader:
-    NODE_ID = "LoraLoader"
-    DISPLAY_NAME = "Load Qwen-Image LoRA"
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", TEXT_ENCODER_TYPE, "STRING")
-    RETURN_NAMES = ("model", "text_encoder", "report")
-    OUTPUT_TOOLTIPS = (
-        "The diffusion model with the LoRA (a patch the host applies when it loads the model; chain more LoRAs).",
-        "The text encoder with the LoRA's text-encoder part (the input, unchanged, when the file has none).",
-        "What was found: format, matched modules, rank / alpha, keys that match nothing, warnings.")
-    DESCRIPTION = ("Applies a Qwen-Image LoRA in any common layout (ai-toolkit, DiffSynth, kohya / musubi, "
-                   "diffusers, PEFT, OneTrainer, lightx2v Lightning, LyCORIS LoKr / LoHa, full diffs, DoRA) with "
-                   "ComfyUI's scaling (strength * alpha / rank). Reports what matched; a LoRA for another model "
-                   "(Flux, SDXL, ...) changes nothing. Chain several; works with core LoRA nodes too.")
+# The file each LoRA node read last (node id -> (path, tensors)): a re-run with the same file reads nothing.
+_LOADED: dict[str | None, tuple[str, dict]] = {}
 
-    def __init__(self):
-        self.loaded: tuple[str, dict] | None = None  # (path, tensors): a re-run with the same file reads nothing
+
+def _tensors(node: str | None, path: str) -> dict:
+    if node not in _LOADED or _LOADED[node][0] != path:
+        _LOADED.pop(node, None)  # the old file's tensors go before the new ones are read
+        _LOADED[node] = (path, comfy.utils.load_torch_file(path, safe_load=True))
+    return _LOADED[node][1]
+
+
+class LoraLoader(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        strength = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+        return schema(
+            "LoraLoader", "Load Qwen-Image LoRA", LOADERS,
+            "Applies a Qwen-Image LoRA in any common layout (ai-toolkit, DiffSynth, kohya / musubi, diffusers, PEFT, "
+            "OneTrainer, lightx2v Lightning, LyCORIS LoKr / LoHa, full diffs, DoRA) with ComfyUI's scaling "
+            "(strength * alpha / rank). Reports what matched; a LoRA for another model (Flux, SDXL, ...) changes "
+            "nothing. Chain several; works with core LoRA nodes too.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Qwen-Image diffusion model (from our loader or another LoRA)."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA file in models/loras."),
+                io.Float.Input("strength", **strength, tooltip="How strongly the LoRA changes the diffusion model "
+                                                               "(1 = as trained; negative values invert it)."),
+                io.Float.Input("text_encoder_strength", **strength,
+                               tooltip="How strongly it changes the text encoder, when the file has text-encoder "
+                                       "weights and one is connected."),
+                TextEncoder.Input("text_encoder", optional=True,
+                                  tooltip="Connect the Qwen2.5-VL text encoder to apply the LoRA's text-encoder "
+                                          "weights (if it has any)."),
+            ],
+            outputs=[
+                output(io.Model, "model", "The diffusion model with the LoRA (a patch the host applies when it loads "
+                                          "the model; chain more LoRAs)."),
+                output(TextEncoder, "text_encoder", "The text encoder with the LoRA's text-encoder part (the input, "
+                                                    "unchanged, when the file has none)."),
+                output(io.String, "report", "What was found: format, matched modules, rank / alpha, keys that match "
+                                            "nothing, warnings."),
+            ],
+            hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The Qwen-Image diffusion model (from our loader or another LoRA)."}),
-                "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA file in models/loras."}),
-                "strength": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the LoRA changes the diffusion model "
-                                                              "(1 = as trained; negative values invert it)."}),
-                "text_encoder_strength": ("FLOAT", {**STRENGTH, "tooltip": "How strongly it changes the text "
-                                                                           "encoder, when the file has text-encoder "
-                                                                           "weights and one is connected."}),
-            },
-            "optional": {
-                "text_encoder": (TEXT_ENCODER_TYPE, {"tooltip": "Connect the Qwen2.5-VL text encoder to apply the "
-                                                                "LoRA's text-encoder weights (if it has any)."}),
-            },
-        }
-
-    def _tensors(self, path: str) -> dict:
-        if self.loaded is None or self.loaded[0] != path:
-            self.loaded = (path, comfy.utils.load_torch_file(path, safe_load=True))
-        return self.loaded[1]
-
-    def load(self, model, lora_name: str, strength: float, text_encoder_strength: float, text_encoder=None):
+    def execute(cls, model, lora_name: str, strength: float, text_encoder_strength: float,
+                text_encoder=None) -> io.NodeOutput:
         with chosen_file("loras", "lora_name", lora_name) as path:
-            tensors = self._tensors(path)
+            tensors = _tensors(cls.hidden.unique_id if cls.hidden else None, path)
         parameters = {name[len(DIT_PREFIX):]: _shape(t) for name, t in model.model.state_dict().items()
                       if name.startswith(DIT_PREFIX)}
         te_parameters, te_prefix = _text_encoder_target(text_encoder) if text_encoder is not None else (None, "")
@@ -137,7 +140,7 @@ class LoraLoader:
             lines.append(f"patched {added} text-encoder weights")
         text = "\n".join(lines)
         logger.log(logging.WARNING if warned else logging.INFO, "Qwen-Image LoRA: %s", text)
-        return {"ui": {"text": [text]}, "result": (model, text_encoder, text)}
+        return io.NodeOutput(model, text_encoder, text, ui={"text": [text]})
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(LoraLoader)

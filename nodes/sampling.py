@@ -15,7 +15,7 @@ import comfy.model_sampling
 
 from ..models import (QWEN_IMAGE_LATENT, TERMINAL_SIGMA, finish_schedule, flow_sigmas, layered_shift,
                       linear_timesteps, norm_preserving_cfg, resolution_shift)
-from .common import CATEGORY, mappings
+from .common import SAMPLING, Node, denoise_input, io, mappings, output, schema
 
 SHIFT_FROM_RESOLUTION = "from the latent's resolution"
 SIZE_STEP = QWEN_IMAGE_LATENT.pixel_multiple
@@ -30,39 +30,36 @@ def _model_sigmas(model, steps: int, terminal: float | None) -> torch.Tensor:
     return finish_schedule(sampling.sigma(timesteps).float(), terminal)
 
 
-class Scheduler:
-    NODE_ID = "Scheduler"
-    DISPLAY_NAME = "Qwen-Image Scheduler"
-    CATEGORY = CATEGORY
-    FUNCTION = "sigmas"
-    RETURN_TYPES = ("SIGMAS",)
-    OUTPUT_TOOLTIPS = ("The noise levels to sample through, ending at 0.",)
-    DESCRIPTION = ("The reference Qwen-Image schedule: linear sigmas, exponentially shifted by an amount that grows "
-                   "with the image size (for a layered latent, the Layered reference's shift), the last one "
-                   "stretched to 0.02. Use with SamplerCustom(Advanced).")
+class Scheduler(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "Scheduler", "Qwen-Image Scheduler", SAMPLING,
+            "The reference Qwen-Image schedule: linear sigmas, exponentially shifted by an amount that grows with the "
+            "image size (for a layered latent, the Layered reference's shift), the last one stretched to 0.02. Use "
+            "with SamplerCustom(Advanced).",
+            inputs=[
+                io.Model.Input("model", tooltip="The Qwen-Image model (its shift is used when 'shift' says so)."),
+                io.Latent.Input("latent", tooltip="The latent to sample: its size sets the resolution-dependent "
+                                                  "shift."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Number of sampling steps (reference: 50 for text-to-image, 40 for edit; 4 or 8 "
+                                     "with Lightning LoRAs)."),
+                denoise_input(),
+                io.Combo.Input("shift", options=[SHIFT_FROM_RESOLUTION, SHIFT_FROM_MODEL],
+                               tooltip="Where the time shift comes from: computed from the latent size like the "
+                                       "reference, or the model's own sampling (as set by Qwen-Image Sampling Shift, "
+                                       "ModelSamplingAuraFlow...)."),
+                io.Float.Input("terminal_sigma", default=TERMINAL_SIGMA, min=0.0, max=0.5, step=0.001,
+                               tooltip="The last non-zero sigma (reference 0.02); 0 turns the stretch off."),
+            ],
+            outputs=[output(io.Sigmas, None, "The noise levels to sample through, ending at 0.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The Qwen-Image model (its shift is used when 'shift' says so)."}),
-            "latent": ("LATENT", {"tooltip": "The latent to sample: its size sets the resolution-dependent shift."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
-                              "tooltip": "Number of sampling steps (reference: 50 for text-to-image, 40 for edit; "
-                                         "4 or 8 with Lightning LoRAs)."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Below 1, only the last part of a longer schedule is run "
-                                             "(image-to-image)."}),
-            "shift": ([SHIFT_FROM_RESOLUTION, SHIFT_FROM_MODEL], {
-                "tooltip": "Where the time shift comes from: computed from the latent size like the reference, or "
-                           "the model's own sampling (as set by Qwen-Image Sampling Shift, ModelSamplingAuraFlow...)."}),
-            "terminal_sigma": ("FLOAT", {"default": TERMINAL_SIGMA, "min": 0.0, "max": 0.5, "step": 0.001,
-                                         "tooltip": "The last non-zero sigma (reference 0.02); 0 turns the "
-                                                    "stretch off."}),
-        }}
-
-    def sigmas(self, model, latent: dict, steps: int, denoise: float, shift: str, terminal_sigma: float):
+    def execute(cls, model, latent: dict, steps: int, denoise: float, shift: str,
+                terminal_sigma: float) -> io.NodeOutput:
         if denoise <= 0.0:
-            return (torch.zeros(0),)
+            return io.NodeOutput(torch.zeros(0))
         total = steps if denoise >= 1.0 else int(steps / denoise)
         if shift == SHIFT_FROM_MODEL:
             sigmas = _model_sigmas(model, total, terminal_sigma or None)
@@ -73,66 +70,60 @@ class Scheduler:
             layered = samples.ndim == 5 and samples.shape[2] > 1
             mu = layered_shift(tokens) if layered else resolution_shift(tokens)
             sigmas = flow_sigmas(total, mu, terminal_sigma or None)
-        return (sigmas[-(steps + 1):],)
+        return io.NodeOutput(sigmas[-(steps + 1):])
 
 
-class SamplingShift:
-    NODE_ID = "SamplingShift"
-    DISPLAY_NAME = "Qwen-Image Sampling Shift"
-    CATEGORY = CATEGORY
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the new shift; the host's KSampler schedulers use it.",)
-    DESCRIPTION = ("Overrides the exponential time shift (mu) of the model's sampling: the reference value for a "
-                   "resolution, or a value of your own. Higher shift spends more steps at high noise.")
+class SamplingShift(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        size = {"default": 1328, "min": SIZE_STEP, "max": 8192, "step": SIZE_STEP}
+        return schema(
+            "SamplingShift", "Qwen-Image Sampling Shift", SAMPLING,
+            "Overrides the exponential time shift (mu) of the model's sampling: the reference value for a "
+            "resolution, or a value of your own. Higher shift spends more steps at high noise.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Qwen-Image model to patch."),
+                io.Int.Input("width", **size,
+                             tooltip="Image width the shift is computed for (ignored when shift > 0)."),
+                io.Int.Input("height", **size,
+                             tooltip="Image height the shift is computed for (ignored when shift > 0)."),
+                io.Float.Input("shift", default=0.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="0: the reference shift for width x height (0.5 at 256x256 up to 0.9 at "
+                                       "1448x1448). Above 0: this mu itself (the host's default is 1.15)."),
+            ],
+            outputs=[output(io.Model, None, "The model with the new shift; the host's KSampler schedulers use it.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The Qwen-Image model to patch."}),
-            "width": ("INT", {"default": 1328, "min": SIZE_STEP, "max": 8192, "step": SIZE_STEP,
-                              "tooltip": "Image width the shift is computed for (ignored when shift > 0)."}),
-            "height": ("INT", {"default": 1328, "min": SIZE_STEP, "max": 8192, "step": SIZE_STEP,
-                               "tooltip": "Image height the shift is computed for (ignored when shift > 0)."}),
-            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                                "tooltip": "0: the reference shift for width x height (0.5 at 256x256 up to 0.9 "
-                                           "at 1448x1448). Above 0: this mu itself (the host's default is 1.15)."}),
-        }}
-
-    def patch(self, model, width: int, height: int, shift: float):
+    def execute(cls, model, width: int, height: int, shift: float) -> io.NodeOutput:
         factor = QWEN_IMAGE_LATENT.spatial_factor
         mu = shift if shift > 0 else resolution_shift(QWEN_IMAGE_LATENT.image_tokens(height // factor, width // factor))
         sampling = comfy.model_sampling.ModelSamplingFlux()
         sampling.set_parameters(shift=mu)
         patched = model.clone()
         patched.add_object_patch("model_sampling", sampling)
-        return (patched,)
+        return io.NodeOutput(patched)
 
 
-class TrueCFG:
-    NODE_ID = "TrueCFG"
-    DISPLAY_NAME = "Qwen-Image True CFG"
-    CATEGORY = CATEGORY
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the reference's guidance; the sampler's CFG value is the scale.",)
-    DESCRIPTION = ("Classifier-free guidance as the reference pipeline does it: uncond + cfg * (cond - uncond), "
-                   "then each 2x2 latent patch rescaled to the norm of the conditional prediction.")
+class TrueCFG(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            "TrueCFG", "Qwen-Image True CFG", SAMPLING,
+            "Classifier-free guidance as the reference pipeline does it: uncond + cfg * (cond - uncond), then each "
+            "2x2 latent patch rescaled to the norm of the conditional prediction.",
+            inputs=[io.Model.Input("model", tooltip="The Qwen-Image model to patch; set CFG (e.g. 4) on the sampler.")],
+            outputs=[output(io.Model, None, "The model with the reference's guidance; the sampler's CFG value is the "
+                                            "scale.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The Qwen-Image model to patch; set CFG (e.g. 4) on the sampler."}),
-        }}
-
-    def patch(self, model):
+    def execute(cls, model) -> io.NodeOutput:
         def guidance(args: dict):
             # args["cond"] / ["uncond"] are sigma * velocity; the rescale is invariant to that common factor.
             return norm_preserving_cfg(args["cond"], args["uncond"], args["cond_scale"], QWEN_IMAGE_LATENT.patch_size)
 
         patched = model.clone()
         patched.set_model_sampler_cfg_function(guidance)
-        return (patched,)
+        return io.NodeOutput(patched)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(Scheduler, SamplingShift, TrueCFG)

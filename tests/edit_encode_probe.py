@@ -64,9 +64,9 @@ def run(edit, text_encoder, case: dict) -> dict:
         mm.interrupt_current_processing(True)
     try:
         # the node's defaults: reference area and VL size, multiple 32, the last image's grid
-        edit.EditEncode().encode(text_encoder, vae, images[0], "Picture 1 in red.", " ", mode,
-                                 "1024x1024 (reference)", case.get("vl_area", edit.VL_REFERENCE), 32, "last image",
-                                 **more)
+        edit.EditEncode.execute(text_encoder, vae, images[0], "Picture 1 in red.", " ", mode,
+                                "1024x1024 (reference)", case.get("vl_area", edit.VL_REFERENCE), 32, "last image",
+                                **more)
     except mm.InterruptProcessingException:
         interrupted = True
     finally:

@@ -34,7 +34,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     results = {}
     for cache in (True, False):
-        (patcher,) = DiffusionModelLoader().load(model_name, "fp32", "auto (from the file)", dequant_cache=cache)
+        (patcher,) = DiffusionModelLoader.execute(model_name, "fp32", "auto (from the file)", dequant_cache=cache)
         dit = patcher.model.diffusion_model
         context = torch.randn(1, 7, dit.config.joint_dim, generator=torch.manual_seed(1))
         one_vector = [m for name, m in dit.named_modules()

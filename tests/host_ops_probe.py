@@ -42,7 +42,7 @@ def main() -> None:
     sigma = torch.tensor([0.7])
 
     def output(name: str, weight_dtype: str) -> tuple[torch.Tensor, dict]:
-        (patcher,) = DiffusionModelLoader().load(name, weight_dtype, "auto (from the file)")
+        (patcher,) = DiffusionModelLoader.execute(name, weight_dtype, "auto (from the file)")
         dit = patcher.model.diffusion_model
         context = torch.randn(1, 7, dit.config.joint_dim, generator=torch.manual_seed(1))
         q = dit.transformer_blocks[0].attn.to_q

@@ -333,8 +333,8 @@ def _graph(kind: str, values: dict) -> dict:
 def _widget(name: str, spec: list) -> st.SearchStrategy | None:
     """Values for one widget within its declared choices or range."""
     kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-    if isinstance(kind, list):
-        return st.sampled_from(kind)
+    if isinstance(kind, list) or kind == "COMBO":  # a V1 or a V3 (our nodes) combo
+        return st.sampled_from(kind if isinstance(kind, list) else options["options"])
     if kind == "INT":
         return st.integers(options.get("min", 0), min(options.get("max", INT_CAP), WIDGET_CAPS.get(name, INT_CAP)))
     if kind == "FLOAT":

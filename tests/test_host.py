@@ -33,6 +33,17 @@ def test_the_host_log_shows_no_pack_import_failure(host):
     assert not [line for line in failed if f"custom_nodes/{PACK_NAME}" in line], failed
 
 
+def test_every_node_has_a_description_and_every_output_a_tooltip(host):
+    info = host.object_info()
+    ours = {node_id: node for node_id, node in info.items() if node.get("python_module") == PACK_MODULE}
+    assert ours
+    for node_id, node in ours.items():
+        assert node["description"], f"{node_id} has no description"
+        assert node["category"].startswith("Qwen-Image/"), f"{node_id} is not in a sub-category"
+        assert "(Qwen-Image)" not in node["display_name"], f"{node_id}: doubled name {node['display_name']!r}"
+        assert len(node["output_tooltips"]) == len(node["output"]) and all(node["output_tooltips"]), node_id
+
+
 def test_every_input_has_a_tooltip_and_one_category(host):
     info = host.object_info()
     ours = {node_id: node for node_id, node in info.items() if node.get("python_module") == PACK_MODULE}
@@ -48,7 +59,9 @@ def test_every_input_has_a_tooltip_and_one_category(host):
 
 
 def _choices(info: dict, node: str, name: str) -> list[str]:
-    return info[node]["input"]["required"][name][0]
+    """A combo's choices: V1 nodes (core's loaders) declare them as the type, V3 nodes (ours) as "COMBO" + options."""
+    spec = info[node]["input"]["required"][name]
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
 
 
 def test_gguf_files_are_listed_by_our_loaders_only(host):

@@ -257,7 +257,7 @@ def _probe(comfy_dir: str, repo: str, spec_file: str, out_file: str) -> None:
 
     results = {"loras": spec["loras"]}
     for qtype, file_name in spec["qtypes"].items():
-        (plain,) = DiffusionModelLoader().load(file_name, "fp32", "auto (from the file)")
+        (plain,) = DiffusionModelLoader.execute(file_name, "fp32", "auto (from the file)")
         base = load_gguf_state_dict(Path(spec["models"]) / file_name, dequantize=True, dtype=torch.float32)
         plain.load(cpu, full_load=True)
         plain_out = run(plain)
@@ -270,7 +270,7 @@ def _probe(comfy_dir: str, repo: str, spec_file: str, out_file: str) -> None:
                     (model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(model, part["file"],
                                                                                        part["strength"])
                 else:
-                    model = LoraLoader().load(model, part["file"], part["strength"], 0.0)["result"][0]
+                    model = LoraLoader.execute(model, part["file"], part["strength"], 0.0).result[0]
                 tensors = load_file(str(Path(spec["loras"]) / part["file"]))
                 expected = merge(expected, tensors, *part["merge"][:4], part["merge"][4], part["strength"])
             r = {"size_growth": model.model_size() - plain.model_size(), "patch_bytes": model.patched_gguf_bytes(),
@@ -292,7 +292,7 @@ def _probe(comfy_dir: str, repo: str, spec_file: str, out_file: str) -> None:
             # the same DiT merged by hand, through the same loader and host
             merged_name = f"merged_{qtype}.safetensors"
             save_file({k: v.contiguous() for k, v in expected.items()}, str(Path(spec["models"]) / merged_name))
-            (merged,) = DiffusionModelLoader().load(merged_name, "fp32", "auto (from the file)")
+            (merged,) = DiffusionModelLoader.execute(merged_name, "fp32", "auto (from the file)")
             merged.load(cpu, full_load=True)
             r["output_error"] = (out - run(merged)).abs().max().item()
             r["lora_effect"] = (out - plain_out).abs().max().item()
@@ -326,7 +326,7 @@ def _probe(comfy_dir: str, repo: str, spec_file: str, out_file: str) -> None:
 
     ratio = 0.3
     names = list(spec["qtypes"].values())
-    first, second = (DiffusionModelLoader().load(name, "fp32", "auto (from the file)")[0] for name in names)
+    first, second = (DiffusionModelLoader.execute(name, "fp32", "auto (from the file)")[0] for name in names)
     (mixed,) = ModelMergeSimple().merge(first, second, ratio)
     first_w, second_w = (load_gguf_state_dict(Path(spec["models"]) / name, dequantize=True, dtype=torch.float32)
                          for name in names)

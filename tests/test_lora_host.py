@@ -370,19 +370,19 @@ def _probe(comfy_dir: str, repo: str, models_dir: str, spec_file: str, out_file:
     cpu = torch.device("cpu")
     spec = json.loads(Path(spec_file).read_text())
     models = {}
-    (text_encoder,) = TextEncoderLoader().load(TEXT_ENCODER, "fp32")
+    (text_encoder,) = TextEncoderLoader.execute(TEXT_ENCODER, "fp32")
     results = {}
     for case, entry in spec["cases"].items():
         if entry["base"] not in models:
-            models[entry["base"]] = DiffusionModelLoader().load(entry["base"], "fp32", "auto (from the file)")[0]
+            models[entry["base"]] = DiffusionModelLoader.execute(entry["base"], "fp32", "auto (from the file)")[0]
         model, te, reports = models[entry["base"]], text_encoder if entry["text_encoder"] else None, []
         for loader, name, strength, te_strength in entry["chain"]:
             if loader == "core":
                 (model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)
                 continue
-            output = LoraLoader().load(model, name, strength, te_strength, te)
-            model, te, report = output["result"]
-            assert output["ui"]["text"] == [report]
+            output = LoraLoader.execute(model, name, strength, te_strength, te)
+            model, te, report = output.result
+            assert output.ui["text"] == [report]
             reports.append(report)
         results[case] = {"reports": reports}
         if entry["dump"]:
@@ -401,7 +401,7 @@ def _probe(comfy_dir: str, repo: str, models_dir: str, spec_file: str, out_file:
     (shifted,) = ModelSamplingAuraFlow().patch_aura(models[BASE], *workflow["ModelSamplingAuraFlow"])
     steps, denoise, shift, terminal = workflow["QIP_Scheduler"]
     latent = {"samples": torch.zeros(1, 16, 1, 16, 16)}
-    (results["schedule"],) = Scheduler().sigmas(shifted, latent, steps, denoise, shift, terminal)
+    (results["schedule"],) = Scheduler.execute(shifted, latent, steps, denoise, shift, terminal)
     torch.save(results, out_file)
     print(MARKER + "done")
 

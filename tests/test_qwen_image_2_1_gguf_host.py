@@ -25,7 +25,7 @@ def gguf_file(host, host_models_dir) -> Path:
 
 
 def test_the_2_1_loader_lists_and_runs_a_2_1_gguf(host, gguf_file):
-    assert GGUF in host.object_info()[LOADER]["input"]["required"]["model_name"][0]
+    assert GGUF in host.object_info()[LOADER]["input"]["required"]["model_name"][1]["options"]
     latents = {}
     for name in (DIT, GGUF):
         graph = graph_2_1([], prompt="A red fox in the snow.", negative=" ", steps=3, seed=11, cfg=4.0, size=(96, 64))

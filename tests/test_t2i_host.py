@@ -321,7 +321,7 @@ def test_loader_offers_diffusers_folders_but_not_their_shards(host, host_models_
 
     folder = make_dit(host_models_dir / "diffusion_models", layout="diffusers", dtype="bf16", seed=0)
     name = f"{folder.parent.name}/{folder.name}/"
-    choices = host.object_info()["QIP_DiffusionModelLoader"]["input"]["required"]["model_name"][0]
+    choices = host.object_info()["QIP_DiffusionModelLoader"]["input"]["required"]["model_name"][1]["options"]
     assert name in choices
     assert not any("diffusion_pytorch_model" in choice for choice in choices), choices
     outputs = []

@@ -87,11 +87,6 @@ def list_models(folder: str, part: str, extensions: tuple[str, ...]) -> list[str
     return sorted(set(files)) + _model_folders(folder, part)
 
 
-def model_input(folder: str, part: str, extensions: tuple[str, ...], tooltip: str) -> tuple:
-    """A loader's input choosing among :func:`list_models` (``part``: the sub-folder of a full pipeline folder)."""
-    return (list_models(folder, part, extensions), {"tooltip": tooltip})
-
-
 def resolve(folder: str, name: str) -> str:
     """Absolute path of a name from :func:`list_models`; a clear error if it is gone."""
     if name.endswith("/"):
