@@ -2,12 +2,12 @@
 
 Run from the repository root with the project venv's python::
 
-    python bench/bench_gguf.py [--mb 64] [--parts 1234] [--reps 5] [--busy 1] [--fw-blocks 1]
+    python bench/bench_gguf.py [--mb 64] [--types Q8_0,Q4_K] [--parts 1234] [--reps 5] [--busy 1] [--fw-blocks 1]
 
-1. Dequantization: for each type, the same random valid blocks (``--mb`` MB of fp32 output) decoded by ours
-   (torch) and by gguf-py (numpy) in this process; GB/s of fp32 output (best of a few runs each) and the ratios,
-   beside this machine's plain torch tensor-copy bandwidth measured in the same run.  Goals: into a reused buffer
-   >= 8x gguf-py for Q8_0 and >= 4x for every K-quant.
+1. Dequantization: for each type (``--types``), the same random valid blocks (``--mb`` MB of fp32 output) decoded
+   by ours (torch, ONE thread) and by gguf-py (numpy) in this process; process CPU time (best of ``--reps``; wall
+   time beside: it swings several-fold on a shared machine), the ratios, and the load average per row.  Goals: into
+   a reused buffer >= 8x gguf-py for Q8_0 and >= 4x for every K-quant.
 2. Opening a full-size synthetic Q4_K_M Qwen-Image GGUF (60 blocks, width 3072, ~13 GB written to a temporary
    folder and deleted afterwards; skipped with a reason when less than 20 GB are free): wall time and peak RSS of
    a fresh process that opens it (ours, gguf-py) and that builds the model on it with load_diffusion_model.
@@ -99,39 +99,58 @@ def random_rows(qtype: str, elements: int, rows: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def bench_dequant(megabytes: int) -> None:
-    elements = megabytes * (1 << 20) // 4
-    rows = 4096
+def cpu_best(fn, reps: int) -> tuple[float, float]:
+    """Best process CPU time and best wall time of ``reps`` calls (CPU time: steady on a shared, loaded machine,
+    where wall time swings several-fold; with one torch thread the two agree on an idle one)."""
+    cpu = wall = float("inf")
+    for _ in range(reps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        c1, w1 = time.process_time(), time.perf_counter()
+        cpu, wall = min(cpu, c1 - c0), min(wall, w1 - w0)
+    return cpu, wall
+
+
+def bench_dequant(megabytes: float, types: list[str], reps: int = 5) -> None:
+    elements = int(megabytes * (1 << 20)) // 4 // (1 << 12) * (1 << 12)
+    rows = 16 if elements < (1 << 20) else 4096
     out_gb = elements * 4 / 1e9
     threads = torch.get_num_threads()
-    src, dst = torch.randn(elements), torch.empty(elements)
-    copy_gbs = 2 * out_gb / best_time(lambda: dst.copy_(src), 5)  # read + write
-    clone_gbs = out_gb / best_time(lambda: src.clone(), 5)
-    print(f"\n== 1. dequantization, {megabytes} MB of fp32 output per type (GB/s of output, best of 5, gguf-py of 3; "
-          f"{load()})")
-    print(f"plain torch copy_ (read+write) {copy_gbs:6.2f} GB/s;  clone into fresh memory {clone_gbs:6.2f} GB/s "
-          f"({threads} threads)")
-    print("ours runs on the calling thread only, like gguf-py (numpy); 'fresh' allocates the result as gguf-py "
-          "does, 'reused' writes into one buffer with one workspace kept between calls, as the quantized layers do")
-    print(f"{'type':8s} {'fresh':>7s} {'reused':>7s} {'gguf-py':>8s} {'fresh/ref':>10s} {'reused/ref':>11s} "
-          f"{'goal':>6s}  bit-exact")
-    for qtype in TYPES:
-        data = random_rows(qtype, elements, rows)
-        tensor = torch.from_numpy(data)
-        shape = (rows, elements // rows)
-        buffer, workspace = torch.empty(shape), Workspace()
-        fresh = best_time(lambda: dequantize(tensor, GGMLType[qtype], shape), 5)
-        reused = best_time(lambda: dequantize(tensor, GGMLType[qtype], shape, out=buffer, workspace=workspace), 5)
-        with np.errstate(all="ignore"):
-            ref_time = best_time(lambda: gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]), 3)
-            ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
-        exact = np.array_equal(dequantize(tensor, GGMLType[qtype], shape).numpy().view(np.uint32),
-                               ref.astype(np.float32).view(np.uint32))
-        goal = f">={GOALS[qtype]:.0f}x" if qtype in GOALS else ""
-        met = "" if qtype not in GOALS else ("  met" if ref_time / reused >= GOALS[qtype] else "  NOT MET")
-        print(f"{qtype:8s} {out_gb / fresh:7.2f} {out_gb / reused:7.2f} {out_gb / ref_time:8.2f} "
-              f"{ref_time / fresh:9.1f}x {ref_time / reused:10.1f}x {goal:>6s}  {exact}{met}")
-    print(f"({load()})")
+    torch.set_num_threads(1)  # one thread, like gguf-py (numpy), so that process CPU time compares the work done
+    try:
+        src, dst = torch.randn(elements), torch.empty(elements)
+        copy_cpu, _ = cpu_best(lambda: dst.copy_(src), reps)
+        print(f"\n== 1. dequantization, {elements * 4 / 2**20:.1f} MB of fp32 output per type, ONE torch thread; "
+              f"times are process CPU ms (best of {reps}), wall ms beside; {load()}")
+        print(f"plain torch copy_ of the output size (read+write): {copy_cpu * 1e3:.2f} ms CPU, "
+              f"{2 * out_gb / max(copy_cpu, 1e-9):.2f} GB/s")
+        print("'fresh' allocates the result as gguf-py does; 'reused' writes into one buffer with one workspace kept "
+              "between calls, as the quantized layers do; ratios = gguf-py time / ours (CPU time; wall in brackets)")
+        print(f"{'type':8s} {'reused':>8s} {'fresh':>8s} {'gguf-py':>8s} {'reused/ref':>11s} {'fresh/ref':>10s} "
+              f"{'wall: reused':>13s} {'fresh':>7s} {'gguf-py':>8s} {'reused/ref':>11s} {'goal':>6s}  bit-exact  load")
+        for qtype in types:
+            data = random_rows(qtype, elements, rows)
+            tensor = torch.from_numpy(data)
+            shape = (rows, elements // rows)
+            buffer, workspace = torch.empty(shape), Workspace()
+            fresh = cpu_best(lambda: dequantize(tensor, GGMLType[qtype], shape), reps)
+            reused = cpu_best(lambda: dequantize(tensor, GGMLType[qtype], shape, out=buffer, workspace=workspace),
+                              reps)
+            with np.errstate(all="ignore"):
+                ref_time = cpu_best(lambda: gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]),
+                                    max(3, reps // 2))
+                ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+            exact = np.array_equal(dequantize(tensor, GGMLType[qtype], shape).numpy().view(np.uint32),
+                                   ref.astype(np.float32).view(np.uint32))
+            goal = f">={GOALS[qtype]:.0f}x" if qtype in GOALS else ""
+            met = "" if qtype not in GOALS else (" met" if ref_time[0] / reused[0] >= GOALS[qtype] else " NOT MET")
+            print(f"{qtype:8s} {reused[0] * 1e3:8.2f} {fresh[0] * 1e3:8.2f} {ref_time[0] * 1e3:8.2f} "
+                  f"{ref_time[0] / reused[0]:10.1f}x {ref_time[0] / fresh[0]:9.1f}x "
+                  f"{reused[1] * 1e3:13.2f} {fresh[1] * 1e3:7.2f} {ref_time[1] * 1e3:8.2f} "
+                  f"{ref_time[1] / reused[1]:10.1f}x {goal:>6s}  {str(exact):5s}{met:8s} {load()[13:]}", flush=True)
+        print(f"({load()})")
+    finally:
+        torch.set_num_threads(threads)
 
 
 _OPEN_SCRIPT = r"""
@@ -322,7 +341,8 @@ def busy_processes(count: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=64, help="MB of fp32 output per dequantized tensor")
+    parser.add_argument("--mb", type=float, default=64, help="MB of fp32 output per dequantized tensor (part 1)")
+    parser.add_argument("--types", default=",".join(TYPES), help="comma-separated types of part 1, e.g. Q8_0,Q4_K")
     parser.add_argument("--parts", default="1234", help="which parts to run, e.g. 135 (2 writes a 13 GB file, 5 takes "
                         "minutes)")
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per model in the step parts (3 and 5)")
@@ -333,7 +353,7 @@ def main() -> int:
           f"{torch.get_num_threads()} torch threads; {load()}")
     with busy_processes(args.busy):
         if "1" in args.parts:
-            bench_dequant(args.mb)
+            bench_dequant(args.mb, [t.strip() for t in args.types.split(",") if t.strip()], args.reps)
         if "2" in args.parts:
             bench_open()
         if "3" in args.parts:
