@@ -103,3 +103,83 @@ def mappings(*node_classes: type[io.ComfyNode]) -> tuple[dict, dict]:
     """NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS of a feature's nodes, from their schemas."""
     schemas = [(cls, cls.GET_SCHEMA()) for cls in node_classes]
     return ({s.node_id: cls for cls, s in schemas}, {s.node_id: s.display_name for _, s in schemas})
+
+
+# -- loader badges (web/js/qwen_image.js draws them on the loader after a run) --------------------------------------
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
+                "float8_e4m3fn": "fp8 e4m3fn", "float8_e5m2": "fp8 e5m2"}
+# llama.cpp's file-type labels as GGUF file names carry them (Q4_K_M, IQ4_XS, Q8_0, BF16 ...).
+_GGUF_LABEL = r"(?<![A-Za-z0-9])(I?Q\d(?:_K)?(?:_[A-Z0-9]{1,2})?|BF16|F16|F32)(?![A-Za-z0-9])"
+
+
+def _type_name(tensor) -> str:
+    qtype = getattr(tensor, "qtype", None)  # a GGUF QuantizedTensor: its ggml type
+    if qtype is not None:
+        return getattr(qtype, "name", str(qtype))
+    name = str(tensor.dtype).removeprefix("torch.")
+    return _DTYPE_NAMES.get(name, name)
+
+
+def weight_badge(variant: str, module, path: str | None = None) -> dict:
+    """What a loader shows on its node: ``variant``, the weight ``format`` (as stored in the file: bf16, fp8
+    e4m3fn scaled, Q4_K_M ...), ``parameters`` (logical element count of every weight the model holds, GGUF ones
+    unpacked) and ``bytes`` (their storage in memory), plus ``types`` (tensor count per stored type).
+
+    ``module``: the loaded ``nn.Module``; ``path``: the file or folder it came from (its header gives the stored
+    types of safetensors files; GGUF weights stay as stored, so the module tells)."""
+    import math
+    import re
+    from collections import Counter
+    from pathlib import Path
+
+    import torch
+
+    parameters = nbytes = 0
+    by_numel: Counter = Counter()
+    types: Counter = Counter()
+    seen: set[int] = set()
+    for tensor in module.state_dict(keep_vars=True).values():
+        if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:  # tied weights count once
+            continue
+        seen.add(id(tensor))
+        logical = getattr(tensor, "logical_shape", None)
+        numel = math.prod(logical) if logical is not None else tensor.numel()
+        if logical is not None:
+            from ..models.io.gguf.reader import quantized_nbytes
+            nbytes += quantized_nbytes(tensor.qtype, logical)
+        else:
+            nbytes += tensor.numel() * tensor.element_size()
+        parameters += numel
+        by_numel[_type_name(tensor)] += numel
+        types[_type_name(tensor)] += 1
+    gguf = path is not None and str(path).lower().endswith(".gguf")
+    if path is not None and not gguf:
+        try:  # the stored types, from the header (the loader may have converted them to the compute dtype)
+            from ..models.io.weights import open_checkpoint
+            checkpoint = open_checkpoint(path)
+            by_numel, types = Counter(), Counter()
+            for name in checkpoint:
+                stored = str(checkpoint.dtype(name)).removeprefix("torch.")
+                by_numel[_DTYPE_NAMES.get(stored, stored)] += math.prod(checkpoint.shape(name))
+                types[_DTYPE_NAMES.get(stored, stored)] += 1
+        except Exception:  # noqa: BLE001  (a badge never fails a load: fall back to what is in memory)
+            pass
+    fmt = by_numel.most_common(1)[0][0] if by_numel else "?"
+    if gguf:
+        label = re.search(_GGUF_LABEL, Path(path).name.upper())
+        fmt = label.group(1) if label else f"GGUF {fmt}"
+    elif fmt.startswith("fp8") and any(k.endswith(("scale_weight", "weight_scale")) for k in module.state_dict()):
+        fmt += " scaled"  # scaled fp8 (per-tensor scales next to the weights)
+    return {"variant": variant, "format": fmt, "parameters": int(parameters), "bytes": int(nbytes),
+            "types": dict(types)}
+
+
+def badge_ui(variant: str, module, path) -> dict | None:
+    """A loader's ``ui``: ``{"qip_badge": [weight_badge(...)]}`` (the host reports a node's ui in the ``executed``
+    message and the history, output node or not); None when it cannot be measured: a badge never fails a load."""
+    try:
+        return {"qip_badge": [weight_badge(variant, module, None if path is None else str(path))]}
+    except Exception as e:  # noqa: BLE001
+        import logging
+        logging.getLogger("qwen_image").debug("no loader badge (%s: %s)", type(e).__name__, e)
+        return None

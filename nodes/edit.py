@@ -13,6 +13,9 @@ tower runs once per image for both prompts, and each image is VAE-encoded once (
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 import comfy.model_management as mm
@@ -83,6 +86,58 @@ def _vl_images(images: list[torch.Tensor], references: list[torch.Tensor], mode:
     return [img[0] for img in sized]
 
 
+PREVIEW_SIDE = 512  # longest side of the "what the model sees" previews (the true sizes are reported as well)
+
+
+def _png(pixels: torch.Tensor) -> bytes:
+    """A ``[H, W, 3]`` uint8 tensor as PNG bytes (stdlib zlib: no image library needed for previews)."""
+    import struct
+    import zlib
+
+    height, width = pixels.shape[:2]
+    rows = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), pixels.reshape(height, width * 3)], dim=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 1))
+            + chunk(b"IEND", b""))
+
+
+def _seen_ui(vl: list[torch.Tensor], vae: list[torch.Tensor]) -> dict | None:
+    """What the model saw, for the node after a run: every ``[H,W,3]`` image the vision tower and the VAE received,
+    as temp PNG previews at most ``PREVIEW_SIDE`` px (``images``, shown by the host's frontend) and their true
+    sizes (``qip_sizes``, in the same order: the VL images, then the VAE images; web/js/qwen_image.js writes them
+    on the node).  None when the previews cannot be written: they never fail the encode."""
+    try:
+        import uuid
+
+        import folder_paths
+
+        folder, run = folder_paths.get_temp_directory(), uuid.uuid4().hex[:12]
+        os.makedirs(folder, exist_ok=True)
+        images, sizes = [], []
+        for role, batch in (("vl", vl), ("vae", vae)):
+            for index, image in enumerate(batch):
+                height, width = int(image.shape[0]), int(image.shape[1])
+                preview = image[..., :3].detach().float().cpu().clamp(0, 1)
+                scale = PREVIEW_SIDE / max(width, height)
+                if scale < 1:
+                    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                    preview = torch.nn.functional.interpolate(preview.permute(2, 0, 1)[None], size=size,
+                                                              mode="area")[0].permute(1, 2, 0)
+                name = f"qip_seen_{run}_{role}{index}.png"
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(_png((preview * 255).round().to(torch.uint8).contiguous()))
+                images.append({"filename": name, "subfolder": "", "type": "temp"})
+                sizes.append({"role": role, "index": index, "width": width, "height": height})
+        return {"images": images, "qip_sizes": sizes}
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("qwen_image").debug("no Edit Encode previews (%s: %s)", type(e).__name__, e)
+        return None
+
+
 def _size_inputs() -> list[io.Input]:
     """The area and size_multiple every edit node sizes its images with."""
     return [io.Combo.Input("area", options=list(AREAS), default="1024x1024 (reference)", tooltip=AREA_TOOLTIP),
@@ -148,7 +203,8 @@ class EditEncode(Node):
         sized = references if len({r.shape for r in references}) == 1 else [references[chosen]]
         return io.NodeOutput(text_encoder.conditioning(positive, reference_latents=latents),
                              text_encoder.conditioning(negative, reference_latents=latents),
-                             _target_latent(references[chosen], mask, latents[chosen]), torch.cat(sized))
+                             _target_latent(references[chosen], mask, latents[chosen]), torch.cat(sized),
+                             ui=_seen_ui(vl, [ref[0] for ref in references]))
 
 
 class EditLatent(Node):

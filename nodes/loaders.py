@@ -13,7 +13,7 @@ import comfy.model_management as mm
 import comfy.ops
 
 from ..models import FLOAT8_DTYPES, load_diffusion_model, load_text_encoder, load_vae
-from .common import LOADERS, Node, TextEncoder, io, loader_inputs, mappings, output, schema
+from .common import LOADERS, Node, TextEncoder, badge_ui, io, loader_inputs, mappings, output, schema
 from .host.components import HostTextEncoder, HostVAE, host_tokenizer_dir
 from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, list_models
 from .host.model import HostQwenImageDiT, wrap_diffusion_model
@@ -61,7 +61,8 @@ class DiffusionModelLoader(Node):
             logger.info("Qwen-Image DiT: Edit-2511 zero_cond_t set %s by the loader", "on" if dit.config.zero_cond_t
                         else "off")
         storage = stored if stored in FLOAT8_DTYPES else compute
-        return io.NodeOutput(wrap_diffusion_model(dit, storage, compute if storage != compute else None))
+        return io.NodeOutput(wrap_diffusion_model(dit, storage, compute if storage != compute else None),
+                             ui=badge_ui(dit_variant(dit.config, model_name), dit, path))
 
 
 class TextEncoderLoader(Node):
@@ -86,7 +87,9 @@ class TextEncoderLoader(Node):
                                         family=FAMILY)
         logger.info("Qwen-Image text encoder: %s (%s, vision tower: %s)", text_encoder_name, compute,
                     "yes" if encoder.has_vision else "no")
-        return io.NodeOutput(HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device(), text_encoder_name))
+        variant = "Qwen2.5-VL" if encoder.has_vision else "Qwen2.5-VL (no vision tower)"
+        return io.NodeOutput(HostTextEncoder(encoder, load_device, mm.text_encoder_offload_device(), text_encoder_name),
+                             ui=badge_ui(variant, encoder.model, path))
 
 
 class VAELoader(Node):
@@ -106,7 +109,25 @@ class VAELoader(Node):
         with chosen_file("vae", "vae_name", vae_name) as path:
             vae = load_vae(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init,
                            family=FAMILY)
-        return io.NodeOutput(HostVAE(vae))
+        return io.NodeOutput(HostVAE(vae), ui=badge_ui("Qwen-Image VAE", vae, path))
+
+
+def dit_variant(config, name: str) -> str:
+    """The Qwen-Image 1.x variant of a loaded DiT: Layered and Edit-2511 from its config; T2I, 2512, Edit and
+    Edit-2509 share one architecture, so the file name tells those apart (T2I when it names none)."""
+    lower = name.lower()
+    if getattr(config, "layer3d_rope", False):
+        return "Layered"
+    if getattr(config, "zero_cond_t", False):
+        return "Edit-2511"
+    if "2509" in lower:
+        return "Edit-2509"
+    if "edit" in lower:
+        return "Edit"
+    if "2512" in lower:
+        return "2512"
+    return "T2I"
+
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(DiffusionModelLoader, TextEncoderLoader, VAELoader)

@@ -19,8 +19,8 @@ import comfy.ops
 
 from ..models import (FLOAT8_DTYPES, QWEN_IMAGE_2_1_LATENT, flow_sigmas, load_diffusion_model_2_1,
                       load_text_encoder_2_1, load_vae_2_1, policy_size, resize_images)
-from .common import (QWEN_IMAGE_2_1, ImageList, Node, denoise_input, io, loader_inputs, mappings, output, prompt_input,
-                     schema)
+from .common import (QWEN_IMAGE_2_1, ImageList, Node, badge_ui, denoise_input, io, loader_inputs, mappings, output,
+                     prompt_input, schema)
 from .host.components import host_tokenizer_dir
 from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, list_models
 from .host.model_2_1 import (CACHE_OFF, CACHE_OFFLOADED, CACHE_ON_DEVICE, IMAGE_SLOTS_KEY, PREFIX_CACHE_OPTION,
@@ -68,7 +68,9 @@ class DiffusionModelLoader21(Node):
                                            model_class=HostQwenImage21DiT)
         dit.source = model_name  # named when conditioning of another encoder reaches it
         storage = stored if stored in FLOAT8_DTYPES else compute
-        return io.NodeOutput(wrap_diffusion_model_2_1(dit, storage, compute if storage != compute else None))
+        variant = "2.1 Turbo" if "turbo" in model_name.lower() else "2.1"  # same architecture: the name tells
+        return io.NodeOutput(wrap_diffusion_model_2_1(dit, storage, compute if storage != compute else None),
+                             ui=badge_ui(variant, dit, path))
 
 
 class TextEncoderLoader21(Node):
@@ -91,7 +93,8 @@ class TextEncoderLoader21(Node):
             encoder = load_text_encoder_2_1(path, dtype=compute, device=offload_device, ops=host_ops(path, compute)[0],
                                             host_tokenizer_dirs=[host_tokenizer_dir()])
         logger.info("Qwen-Image 2.1 text encoder: %s (%s)", text_encoder_name, compute)
-        return io.NodeOutput(HostTextEncoder21(encoder, load_device, offload_device, text_encoder_name))
+        return io.NodeOutput(HostTextEncoder21(encoder, load_device, offload_device, text_encoder_name),
+                             ui=badge_ui("Qwen3-VL (2.1)", encoder.model, path))
 
 
 class VAELoader21(Node):
@@ -110,7 +113,7 @@ class VAELoader21(Node):
         compute = compute_dtype(weight_dtype, mm.vae_device())
         with chosen_file("vae", "vae_name", vae_name) as path:
             vae = load_vae_2_1(path, dtype=compute, device=mm.vae_offload_device(), ops=comfy.ops.disable_weight_init)
-        return io.NodeOutput(HostVAE21(vae))
+        return io.NodeOutput(HostVAE21(vae), ui=badge_ui("2.1 VAE", vae, path))
 
 
 class Encode21(Node):

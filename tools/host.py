@@ -229,8 +229,12 @@ class ComfyHost:
             for kind, items in output.items():
                 for item in items if isinstance(items, list) else []:
                     if isinstance(item, dict) and "filename" in item:
-                        base = self.workdir / "temp" if item.get("type") == "temp" else self.output_dir
-                        files.setdefault(kind, []).append(base / item.get("subfolder", "") / item["filename"])
+                        # temp files are previews (PreviewImage, Edit Encode's "what the model sees"), not outputs
+                        temp = item.get("type") == "temp"
+                        # (--temp-directory D puts the host's temp folder at D/temp)
+                        base = self.workdir / "temp" / "temp" if temp else self.output_dir
+                        files.setdefault("previews" if temp else kind, []).append(
+                            base / item.get("subfolder", "") / item["filename"])
         return RunResult(prompt_id, entry.get("outputs", {}), files, time.monotonic() - start)
 
 
