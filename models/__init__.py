@@ -60,6 +60,7 @@ _EXPORTS = {
     "TextEncoder": ".encoders.qwen25vl.encoder",
     "QwenImageControlNet": ".qwen_image.controlnet",
     "BlockwiseControl": ".qwen_image.blockwise_control",
+    "Entities": ".qwen_image.eligen",
     "QwenImage21DiT": ".qwen_image_2_1.dit",
     "QwenImage21VAE": ".qwen_image_2_1.vae",
     "PrefixCache": ".qwen_image_2_1.prefix_cache",

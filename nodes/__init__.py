@@ -10,6 +10,6 @@ from .registry import load_feature_modules
 
 # Feature modules, in the order their nodes appear in the menu.
 FEATURE_MODULES: tuple[str, ...] = ("loaders", "lora", "conditioning", "latent", "sampling", "edit", "control",
-                                   "layered", "qwen_image_2_1")
+                                   "eligen", "layered", "qwen_image_2_1")
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, FAILED_MODULES = load_feature_modules(FEATURE_MODULES, __name__)

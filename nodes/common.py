@@ -17,6 +17,7 @@ SAMPLING = f"{CATEGORY}/sampling"
 EDIT = f"{CATEGORY}/edit"
 CONTROL = f"{CATEGORY}/control"
 LAYERED = f"{CATEGORY}/layered"
+ELIGEN = f"{CATEGORY}/eligen"
 QWEN_IMAGE_2_1 = f"{CATEGORY}/2.1"
 # Core ComfyUI already has ids such as TextEncodeQwenImageEdit; ours all carry this prefix so they never clash.
 ID_PREFIX = "QIP_"
@@ -45,6 +46,11 @@ WEIGHT_DTYPE_TOOLTIP = ("Compute / storage precision. auto: bf16 on GPUs that su
 class Node(io.ComfyNode):
     """Our nodes' base: a widget value outside its choices or range is refused before the graph runs, naming the
     node and the input (0.3.75 checks those of V1 inputs only; a V3 value would reach ``execute``)."""
+
+    @classmethod
+    def title(cls) -> str:
+        """The display name, for messages (the schema is rebuilt: the host locks the class's cached one)."""
+        return cls.define_schema().display_name
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:

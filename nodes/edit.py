@@ -14,7 +14,6 @@ tower runs once per image for both prompts, and each image is VAE-encoded once (
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -23,6 +22,7 @@ import comfy.model_management as mm
 from ..models import (EDIT_PLUS_VL_AREA, QWEN_IMAGE_LATENT, REFERENCE_AREA, lanczos_resize, policy_size,
                       resize_images, resize_mask)
 from .common import DEFAULT_NEGATIVE, EDIT, ImageList, Node, TextEncoder, io, mappings, output, prompt_input, schema
+from .host.previews import temp_previews
 
 MODE_EDIT = "Qwen-Image-Edit (one image)"
 MODE_EDIT_PLUS = "Qwen-Image-Edit-2509 / 2511 (one or more images)"
@@ -86,53 +86,15 @@ def _vl_images(images: list[torch.Tensor], references: list[torch.Tensor], mode:
     return [img[0] for img in sized]
 
 
-PREVIEW_SIDE = 512  # longest side of the "what the model sees" previews (the true sizes are reported as well)
-
-
-def _png(pixels: torch.Tensor) -> bytes:
-    """A ``[H, W, 3]`` uint8 tensor as PNG bytes (stdlib zlib: no image library needed for previews)."""
-    import struct
-    import zlib
-
-    height, width = pixels.shape[:2]
-    rows = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), pixels.reshape(height, width * 3)], dim=1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 1))
-            + chunk(b"IEND", b""))
-
-
 def _seen_ui(vl: list[torch.Tensor], vae: list[torch.Tensor]) -> dict | None:
     """What the model saw, for the node after a run: every ``[H,W,3]`` image the vision tower and the VAE received,
-    as temp PNG previews at most ``PREVIEW_SIDE`` px (``images``, shown by the host's frontend) and their true
-    sizes (``qip_sizes``, in the same order: the VL images, then the VAE images; web/js/qwen_image.js writes them
-    on the node).  None when the previews cannot be written: they never fail the encode."""
+    as temp PNG previews (``images``, shown by the host's frontend) and their true sizes (``qip_sizes``, in the
+    same order: the VL images, then the VAE images; web/js/qwen_image.js writes them on the node).  None when the
+    previews cannot be written: they never fail the encode."""
     try:
-        import uuid
-
-        import folder_paths
-
-        folder, run = folder_paths.get_temp_directory(), uuid.uuid4().hex[:12]
-        os.makedirs(folder, exist_ok=True)
-        images, sizes = [], []
-        for role, batch in (("vl", vl), ("vae", vae)):
-            for index, image in enumerate(batch):
-                height, width = int(image.shape[0]), int(image.shape[1])
-                preview = image[..., :3].detach().float().cpu().clamp(0, 1)
-                scale = PREVIEW_SIDE / max(width, height)
-                if scale < 1:
-                    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                    preview = torch.nn.functional.interpolate(preview.permute(2, 0, 1)[None], size=size,
-                                                              mode="area")[0].permute(1, 2, 0)
-                name = f"qip_seen_{run}_{role}{index}.png"
-                with open(os.path.join(folder, name), "wb") as f:
-                    f.write(_png((preview * 255).round().to(torch.uint8).contiguous()))
-                images.append({"filename": name, "subfolder": "", "type": "temp"})
-                sizes.append({"role": role, "index": index, "width": width, "height": height})
-        return {"images": images, "qip_sizes": sizes}
+        sizes = [{"role": role, "index": index, "width": int(image.shape[1]), "height": int(image.shape[0])}
+                 for role, batch in (("vl", vl), ("vae", vae)) for index, image in enumerate(batch)]
+        return {"images": temp_previews(vl + vae, "qip_seen"), "qip_sizes": sizes}
     except Exception as e:  # noqa: BLE001
         logging.getLogger("qwen_image").debug("no Edit Encode previews (%s: %s)", type(e).__name__, e)
         return None

@@ -66,6 +66,8 @@ MODEL_URLS = {
     "qwen_image_canny_diffsynth_controlnet.safetensors":
         HF + "Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/"
              "qwen_image_canny_diffsynth_controlnet.safetensors",
+    "Qwen-Image-EliGen-Poster.safetensors":
+        HF + "DiffSynth-Studio/Qwen-Image-EliGen-Poster/resolve/main/model.safetensors",
     "Qwen-Image-Lightning-4steps-V1.0.safetensors":
         HF + "lightx2v/Qwen-Image-Lightning/resolve/main/Qwen-Image-Lightning-4steps-V1.0.safetensors",
     "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors":
@@ -102,19 +104,21 @@ LINK_CLEARANCE = 8  # how far above or below a node a link passes that does not 
 STAGES = [("1  Load models and images", "#3f789e"), ("2  Prompt and conditioning", "#8A8"), ("3  Sample", "#88A"),
           ("4  Decode and save", "#b58b2a")]
 STAGE = {
-    **dict.fromkeys(["MarkdownNote", "LoadImage", "QIP_LoraLoader", *LOADER_FOLDERS], 0),
+    **dict.fromkeys(["MarkdownNote", "LoadImage", "QIP_LoraLoader", "QIP_EliGenEntity", *LOADER_FOLDERS], 0),
     **dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode", "QIP_EmptyLatent",
                      "QIP_21EmptyLatent", "QIP_ControlPreprocess", "QIP_ControlNetApply", "QIP_BlockwiseControlApply",
-                     "QIP_TrueCFG", "ModelSamplingAuraFlow", "QIP_21PrefixCache"], 1),
+                     "QIP_TrueCFG", "ModelSamplingAuraFlow", "QIP_21PrefixCache", "QIP_EliGenApply"], 1),
     **dict.fromkeys(["QIP_Scheduler", "QIP_21Scheduler", "KSamplerSelect", "RandomNoise", "CFGGuider",
                      "SamplerCustomAdvanced"], 2),
     **dict.fromkeys(["VAEDecode", "QIP_LayeredDecode", "QIP_RestoreSize", "SaveImage"], 3),
 }
 WIDTH = {**dict.fromkeys(LOADER_FOLDERS, 320), "MarkdownNote": 320,
-         **dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode"], 340),
+         **dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode",
+                          "QIP_EliGenEntity"], 340),
          "SaveImage": 260, "SamplerCustomAdvanced": 230}
 DEFAULT_WIDTH = 250
-TEXT_BOXES = dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode"], 2)
+TEXT_BOXES = {**dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode"], 2),
+              "QIP_EliGenEntity": 1}
 HEIGHT = {"LoadImage": 220, "SaveImage": 260}  # room for the image previews
 
 
@@ -351,14 +355,15 @@ def lora(name: str, model: tuple = (1, 0, "MODEL")) -> Node:
 
 def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent: tuple, steps: int, prefix: str,
              restore_to: tuple | None = None, layered: bool = False, lightning: bool = False,
-             qwen_2_1: bool = False) -> list[Node]:
+             qwen_2_1: bool = False, plain_cfg: bool = False) -> list[Node]:
     """The reference sampling from node id ``first`` on: true CFG 4, the Qwen-Image Scheduler, euler, decode with
     the VAE (node 3), optionally Restore Size to ``restore_to``'s image, and save.  ``layered``: plain CFG 4 (the
     Layered reference does not rescale) and Layered Decode, saving the layers and the whole image.  ``lightning``:
     the Lightning LoRAs' sampling - CFG 1 and shift 3 without the terminal stretch (see :data:`LIGHTNING_NOTE`).
-    ``qwen_2_1``: Qwen-Image 2.1's - plain CFG 1 (no guidance) and the 2.1 Scheduler."""
+    ``qwen_2_1``: Qwen-Image 2.1's - plain CFG 1 (no guidance) and the 2.1 Scheduler.  ``plain_cfg``: CFG 4
+    without the rescale (DiffSynth's pipelines, e.g. EliGen)."""
     cfg, sigmas, sampler, noise, guider, sample, decode = range(first, first + 7)
-    guided = model if layered or qwen_2_1 else (cfg, 0, "MODEL")
+    guided = model if layered or qwen_2_1 or plain_cfg else (cfg, 0, "MODEL")
     scheduler, scheduler_inputs = (("QIP_21Scheduler", {"latent": latent}) if qwen_2_1
                                    else ("QIP_Scheduler", {"model": guided, "latent": latent}))
     if qwen_2_1:
@@ -367,7 +372,8 @@ def sampling(first: int, model: tuple, positive: tuple, negative: tuple, latent:
         nodes = [Node(cfg, "ModelSamplingAuraFlow", [LIGHTNING_SHIFT], {"model": model}, [("MODEL", "MODEL")])]
         schedule, guidance = [steps, 1.0, "the model's current shift", 0.0], 1.0
     else:
-        nodes = [] if layered else [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")])]
+        rescale = not (layered or plain_cfg)
+        nodes = [Node(cfg, "QIP_TrueCFG", [], {"model": model}, [("MODEL", "MODEL")])] if rescale else []
         schedule, guidance = [steps, 1.0, "from the latent's resolution", 0.02], 4.0
     nodes += [
         Node(sigmas, scheduler, schedule, scheduler_inputs, [("SIGMAS", "SIGMAS")]),
@@ -549,6 +555,63 @@ def edit(images: int, masked: bool = False, lightning_lora: str | None = None) -
                   restore_to=(20 + images - 1, 0, "IMAGE"), lightning=bool(lightning_lora)),
     ], lightning_note("Qwen-Image-Edit-2511", "qwen_image_edit_2511_bf16.safetensors", lightning_lora,
                       EDIT_LIGHTNING_HINT) if lightning_lora else EDIT_NOTE)
+
+
+ELIGEN_LORA = "Qwen-Image-EliGen-Poster.safetensors"  # tiny_models/loras.py writes a tiny one under this name
+ELIGEN_NOTE = """\
+**Qwen-Image EliGen: a poster laid out with regional prompts** (pack: Qwen-Image / QIP)
+
+| file | folder |
+|---|---|
+| `qwen_image_bf16.safetensors` (or fp8 / GGUF) | `diffusion_models/` |
+| `qwen_2.5_vl_7b.safetensors` | `text_encoders/` |
+| `qwen_image_vae.safetensors` | `vae/` |
+| `Qwen-Image-EliGen-Poster.safetensors`: DiffSynth-Studio's `model.safetensors`, renamed (or EliGen / EliGen-V2 \
+for photos) | `loras/` |
+
+The global prompt describes the whole poster; each Add EliGen Entity node puts one entity (a title, a subtitle, a \
+subject) in its region: a box in fractions of the image (left, top, right, bottom), or a mask painted in Load \
+Image's mask editor. Apply EliGen Entities shows the regions after a run.
+Reference settings (DiffSynth's poster example): 1280x784, 40 steps, CFG 4 (plain CFG, as DiffSynth), euler, the \
+Qwen-Image Scheduler.
+"""
+ELIGEN_GLOBAL = ("一张以柔粉紫为背景的海报，左侧有大号粉紫色文字“Qwen-Image EliGen-Poster”，粉紫色椭圆框内白色小字：“图像精确分区控制"
+                 "模型”。右侧有一只小兔子在拆礼物，旁边站着一只头顶迷你烟花发射器的小龙（卡通Q版）。背景有一些白云点缀。整体风格卡通可爱，传达节日"
+                 "惊喜的主题。")
+ELIGEN_NEGATIVE = "网格化，规则的网格，模糊, 低分辨率, 低质量, 变形, 畸形, 错误的解剖学, 变形的手, 变形的身体, 变形的脸"
+# (entity prompt, its box "left, top, right, bottom" in fractions of the poster)
+ELIGEN_ENTITIES = [
+    ("粉紫色文字“Qwen-Image EliGen-Poster”", "0.05, 0.18, 0.5, 0.45"),
+    ("粉紫色椭圆框内白色小字：“图像精确分区控制模型”", "0.08, 0.52, 0.46, 0.68"),
+    ("一只小兔子在拆礼物，小兔子旁边站着一只头顶迷你烟花发射器的小龙（卡通Q版）", "0.55, 0.15, 0.97, 0.92"),
+]
+ELIGEN_SIZE = (1280, 784)
+
+
+def eligen_poster() -> dict:
+    """Text-to-image with three EliGen entities in boxes and the EliGen-Poster LoRA (plain CFG 4)."""
+    width, height = ELIGEN_SIZE
+    entities: list[Node] = []
+    previous = None
+    for i, (prompt, box) in enumerate(ELIGEN_ENTITIES):
+        inputs = {} if previous is None else {"entities": (previous, 0, "QIP_ELIGEN_ENTITIES")}
+        previous = 40 + i
+        entities.append(Node(previous, "QIP_EliGenEntity", [prompt, box], inputs,
+                             [("entities", "QIP_ELIGEN_ENTITIES")]))
+    return build([
+        *loaders("qwen_image_bf16.safetensors"),
+        lora(ELIGEN_LORA),
+        Node(4, "QIP_TextEncode", [ELIGEN_GLOBAL, ELIGEN_NEGATIVE], {"text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER")},
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+        *entities,
+        Node(50, "QIP_EliGenApply", [False], {"entities": (previous, 0, "QIP_ELIGEN_ENTITIES"),
+                                              "text_encoder": (2, 0, "QWEN_IMAGE_TEXT_ENCODER"),
+                                              "positive": (4, 0, "CONDITIONING"), "negative": (4, 1, "CONDITIONING")},
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+        Node(5, "QIP_EmptyLatent", ["custom (width x height below)", width, height, 1], outputs=[("LATENT", "LATENT")]),
+        *sampling(8, (LORA_ID, 0, "MODEL"), (50, 0, "CONDITIONING"), (50, 1, "CONDITIONING"), (5, 0, "LATENT"), 40,
+                  "qwen_image_eligen", plain_cfg=True),
+    ], ELIGEN_NOTE)
 
 
 # The Lightning LoRAs' released file names (lightx2v); tiny_models/loras.py writes tiny ones under these names.
@@ -814,6 +877,7 @@ def workflows() -> dict[str, dict]:
             lightning_note("Qwen-Image-2512", "qwen_image_2512_bf16.safetensors", LIGHTNING_LORAS["qwen_image_2512"]),
             LIGHTNING_LORAS["qwen_image_2512"]),
         "qwen_image_edit_lightning.json": edit(1, lightning_lora=LIGHTNING_LORAS["edit_2511"]),
+        "qwen_image_eligen_poster.json": eligen_poster(),
         "qwen_image_2_1_t2i.json": text_to_image_2_1("qwen_image_2_1_bf16.safetensors", 40, "text-to-image",
                                                      QWEN_2_1_SETTINGS),
         "qwen_image_2_1_edit_3_images.json": edit_2_1(3),

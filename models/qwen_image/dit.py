@@ -35,6 +35,7 @@ from torch import nn
 from ..common.attention import Options, attention
 from ..common.latent_spec import pack_latent, unpack_latent
 from ..common.ops import CastOps
+from .eligen import Entities, entity_attention_mask, entity_rope, region_tokens
 from .rope import MSRoPE, apply_rope, split_rope
 
 __all__ = ["DiTConfig", "DoubleStreamTrunk", "QwenImageDiT", "pack_latent", "unpack_latent", "joint_attention_mask",
@@ -366,7 +367,7 @@ class QwenImageDiT(DoubleStreamTrunk):
                 context_mask: torch.Tensor | None = None, ref_latents: Sequence[torch.Tensor] | None = None,
                 control: Sequence[torch.Tensor | None] | None = None,
                 block_patches: Sequence[BlockPatch] | None = None, options: Options | None = None,
-                condition_index: int = 0) -> torch.Tensor:
+                condition_index: int = 0, entities: Entities | None = None) -> torch.Tensor:
         """Velocity ``[B, 16, H, W]`` (``[B, 16, F, H, W]`` for a Layered model), in ``x``'s dtype, for the target
         latent ``x``.
 
@@ -378,7 +379,8 @@ class QwenImageDiT(DoubleStreamTrunk):
         or None`` run after block ``i`` (before ``control``); a residual is added to the target tokens (DiffSynth
         blockwise control works this way).  ``options``: run options threaded to every block (a host's attention
         kernel, see :mod:`models.common.attention`).  ``condition_index``: the Layered model's additional timestep
-        condition (0, as the reference pipeline).
+        condition (0, as the reference pipeline).  ``entities``: EliGen entity prompts and regions
+        (:mod:`.eligen`), whose text tokens precede ``context``'s under the entity attention mask.
         """
         targets = self._targets(x, bool(ref_latents))
         batch, _, height, width = targets[0].shape
@@ -388,8 +390,9 @@ class QwenImageDiT(DoubleStreamTrunk):
         for ref in ref_latents or ():
             if ref.shape[-2] % p or ref.shape[-1] % p:
                 raise ValueError(f"reference latent sizes must be multiples of {p}, got {tuple(ref.shape)}")
-        if len(targets) > 1 and (control or block_patches):
-            raise ValueError("ControlNets and control patches work on single images, not on Layered latents.")
+        if len(targets) > 1 and (control or block_patches or entities):
+            raise ValueError("ControlNets, control patches and EliGen entities work on single images, not on "
+                             "Layered latents.")
         device, dtype = x.device, self.compute_dtype
 
         packed = [self._pack(frame, batch) for frame in targets]
@@ -409,8 +412,17 @@ class QwenImageDiT(DoubleStreamTrunk):
 
         img = self.image_tokens(img)
         txt = self.text_tokens(context, device)
-        rope = self.rope(grids, txt.shape[1], device, dtype)
-        mask = joint_attention_mask(context_mask, img.shape[1], device)
+        if entities is None:
+            rope = self.rope(grids, txt.shape[1], device, dtype)
+            mask = joint_attention_mask(context_mask, img.shape[1], device)
+        else:
+            # EliGen: the entity prompts' tokens first, each prompt attending to its own tokens and region only
+            lengths = [c.shape[1] for c in entities.contexts] + [txt.shape[1]]
+            txt = torch.cat([self.text_tokens(c, device).expand(batch, -1, -1) for c in entities.contexts]
+                            + [txt], dim=1)
+            rope = entity_rope(self.rope(grids, max(lengths), device, dtype), lengths)
+            regions = region_tokens([m.to(device) for m in entities.masks], (height, width), p, grids[1:])
+            mask = entity_attention_mask(lengths, regions, context_mask)
 
         interval = math.ceil(len(self.transformer_blocks) / len(control)) if control else 0
         hook = options.get(BLOCK_HOOK) if options else None

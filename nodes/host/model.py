@@ -52,6 +52,8 @@ logger = logging.getLogger("qwen_image")
 BLOCKWISE_PATCHES = "qip_blockwise"
 # CONDITIONING option with the file name of the text encoder that made it (see HostTextEncoder.conditioning).
 TEXT_ENCODER_KEY = "qip_text_encoder"
+# CONDITIONING option with EliGen entities (models.Entities, set by nodes/eligen.py), passed to the DiT as they are.
+ENTITIES_KEY = "qip_entities"
 
 
 def _shift_for(width: int, height: int) -> float:
@@ -206,7 +208,7 @@ class HostQwenImageDiT(QwenImageDiT):
         run_options[BLOCK_HOOK] = _host_block_hook(run_options, x)
         out = super().forward(_pad_to_patches(latent), timesteps, context, context_mask=attention_mask,
                               ref_latents=refs, control=residuals or None, block_patches=block_patches,
-                              options=run_options)
+                              options=run_options, entities=kwargs.get(ENTITIES_KEY))
         out = out[..., :height, :width]
         return out.unsqueeze(2) if frames and not layered else out
 
@@ -241,8 +243,9 @@ class QwenImageHostModel(_HostBase):
         references = kwargs.get("reference_latents")
         if references:
             out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in references])
-        if kwargs.get(TEXT_ENCODER_KEY):
-            out[TEXT_ENCODER_KEY] = comfy.conds.CONDConstant(kwargs[TEXT_ENCODER_KEY])
+        for key in (TEXT_ENCODER_KEY, ENTITIES_KEY):  # constants: conditionings batch only when they share them
+            if kwargs.get(key) is not None:
+                out[key] = comfy.conds.CONDConstant(kwargs[key])
         return out
 
     def extra_conds_shapes(self, **kwargs) -> dict:

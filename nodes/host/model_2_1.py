@@ -30,7 +30,7 @@ import comfy.model_management as mm
 from ...models import QWEN_IMAGE_2_1_LATENT, PrefixCache, QwenImage21DiT
 from .attention import with_host_attention
 from .components import HostTextEncoder, HostVAE, progress_bar
-from .model import (TEXT_ENCODER_KEY, QwenImageHostModel, QwenImageModelConfig, QwenImageModelPatcher,
+from .model import (ENTITIES_KEY, TEXT_ENCODER_KEY, QwenImageHostModel, QwenImageModelConfig, QwenImageModelPatcher,
                     under_host_wrappers)
 
 logger = logging.getLogger("qwen_image")

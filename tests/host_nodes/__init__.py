@@ -189,3 +189,41 @@ class CoreQwenImage:
 
 
 NODE_CLASS_MAPPINGS["QIPTest_CoreQwenImage"] = CoreQwenImage
+
+
+class AttentionMaps:
+    """Installs ``optimized_attention_override`` saving the attention probabilities (softmax of the scaled scores
+    plus the mask the model passed, averaged over heads, batch item 0) of the first ``calls`` attention calls of
+    block 0 to ``path`` + ``_<n>.safetensors``; every call's result is the host function's."""
+
+    CATEGORY = "testing"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": ""}),
+                             "calls": ("INT", {"default": 2, "min": 1})}}
+
+    def patch(self, model, path: str, calls: int):
+        model = model.clone()
+        saved = []
+
+        def override(func, q, k, v, heads, *args, **kwargs):
+            options = kwargs.get("transformer_options") or {}
+            if options.get("block_index") == 0 and len(saved) < calls:
+                assert kwargs.get("skip_reshape"), "the probe reads [B, heads, L, D] inputs"
+                scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+                mask = kwargs.get("mask")
+                if mask is not None:
+                    scores = scores + mask.float()
+                probabilities = scores.softmax(-1)[0].mean(0)
+                saved.append(path)
+                save_file({"probabilities": probabilities.contiguous().cpu()}, f"{path}_{len(saved) - 1}.safetensors")
+            return func(q, k, v, heads, *args, **kwargs)
+
+        model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS["QIPTest_AttentionMaps"] = AttentionMaps

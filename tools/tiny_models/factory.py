@@ -658,8 +658,8 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
     name), ``qwen_image_edit_2511_bf16.safetensors`` and ``qwen_image_layered_bf16.safetensors``,
     ``vae/qwen_image_vae.safetensors`` and the Layered RGBA ``vae/qwen_image_layered_vae.safetensors``,
     ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors`` and the
-    Lightning LoRAs under their released names (:data:`tiny_models.loras.LIGHTNING_LORAS`), the InstantX
-    ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``, Qwen-Image
+    Lightning LoRAs under their released names (:data:`tiny_models.loras.LIGHTNING_LORAS`) and an EliGen LoRA, the
+    InstantX ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``, Qwen-Image
     2.1's ``diffusion_models/qwen_image_2_1_bf16.safetensors`` and ``qwen_image_2_1_turbo_bf16.safetensors`` (other
     weights), ``vae/qwen_image_2.1_vae_bf16.safetensors`` and ``text_encoders/qwen_3_vl_8b.safetensors``; with
     ``tokenizer_dir`` (GGUF text encoders carry their tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf``
@@ -679,10 +679,11 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
         "controlnet_inpaint": make_controlnet(out_dir / "controlnet", variant="inpaint", layout="comfy", seed=seed),
         "blockwise_canny": make_blockwise_control(out_dir / "model_patches", variant="canny", seed=seed),
     }
-    from .loras import make_lightning_loras  # it builds on this module
+    from .loras import make_eligen_lora, make_lightning_loras  # it builds on this module
 
     written.update({f"lightning_lora_{model}": path
                     for model, path in make_lightning_loras(out_dir / "loras", seed=seed).items()})
+    written["eligen_lora"] = make_eligen_lora(out_dir / "loras", seed=seed)
     from .qwen3vl import make_qwen3vl  # the 2.1 factories build on this module
     from .qwen_image_2_1 import make_dit_2_1
     from .qwen_image_2_1_vae import make_vae_2_1

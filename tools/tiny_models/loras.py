@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from build_workflows import LIGHTNING_LORAS  # tools/: the workflows name the files
+from build_workflows import ELIGEN_LORA, LIGHTNING_LORAS  # tools/: the workflows name the files
 from .configs import TINY_DIT, TINY_TEXT, TINY_VISION
 from .factory import LORA_TARGETS, _LINEAR, _NORM, _dit_spec, _random_tensor, _text_encoder_spec, _write_safetensors
 
-__all__ = ["write_lora", "write_foreign_lora", "make_lightning_loras", "dit_modules", "LAYOUTS", "KINDS",
+__all__ = ["write_lora", "write_foreign_lora", "make_lightning_loras", "make_eligen_lora", "dit_modules", "LAYOUTS", "KINDS",
            "TEXT_ENCODER_TARGETS"]
 
 # layout -> (DiT key prefix, module names flattened with "_", down / up tensor names, text-encoder key prefix)
@@ -171,3 +171,11 @@ def make_lightning_loras(out_dir: str | os.PathLike, seed: int = 0) -> dict[str,
     return {model: write_lora(Path(out_dir) / name, layout="lightx2v", alpha=4.0,
                               modules=dit_modules(modulation=True), seed=seed + i)
             for i, (model, name) in enumerate(LIGHTNING_LORAS.items())}
+
+
+def make_eligen_lora(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny stand-in for DiffSynth's EliGen LoRAs under the name the EliGen workflow uses
+    (:data:`build_workflows.ELIGEN_LORA`), in DiffSynth's layout (``<module>.lora_A.default.weight``, no alpha) on
+    every block Linear incl. the modulation."""
+    return write_lora(Path(out_dir) / ELIGEN_LORA, layout="diffsynth", modules=dit_modules(modulation=True),
+                      seed=seed + 7)
