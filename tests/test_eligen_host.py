@@ -218,3 +218,54 @@ def test_entities_act_only_inside_their_regions_on_the_attention_map(host, tmp_p
     assert entity_map[global_words, image].min() > 0
     torch.testing.assert_close(entity_map.sum(-1), torch.ones(text + image_tokens), rtol=0, atol=1e-4)
     assert 0 < sum(r.sum() for r in regions) < len(regions) * image_tokens  # the regions really cut the image
+
+
+def _without_entities(graph: dict) -> dict:
+    """The same graph with Apply EliGen Entities bypassed (the sampler gets the plain prompt)."""
+    apply = node_of(graph, "QIP_EliGenApply")
+    source = graph[apply]["inputs"]
+    for node in graph.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[:1] == [apply]:
+                node["inputs"][name] = source["positive" if value[1] == 0 else "negative"]
+    return graph
+
+
+@pytest.mark.parametrize("model_name", ["qwen-image-Q8_0.gguf", "fp8_e4m3fn_scaled"])
+def test_entities_work_with_gguf_and_fp8_models(host, host_models_dir, model_name):
+    from tiny_models.factory import make_dit
+
+    if model_name.startswith("fp8"):
+        model_name = make_dit(host_models_dir / "diffusion_models", dtype=model_name, seed=0).name
+
+    def run(name: str, entities: bool) -> torch.Tensor:
+        graph = poster_graph(host, steps=3, seed=11)
+        graph[node_of(graph, "QIP_DiffusionModelLoader")]["inputs"]["model_name"] = name
+        if not entities:
+            _without_entities(graph)
+        save_latent(graph, [node_of(graph, "SamplerCustomAdvanced"), 0], f"{name.split('.')[0]}_{entities}")
+        return read_latent(host.run(graph)).flatten()
+
+    # what the entities change, with the bf16 file and with the quantized one: the same change, but for rounding
+    reference = run("qwen_image_bf16.safetensors", True) - run("qwen_image_bf16.safetensors", False)
+    quantized = run(model_name, True) - run(model_name, False)
+    cosine = torch.nn.functional.cosine_similarity(quantized, reference, dim=0).item()
+    ratio = (quantized.norm() / reference.norm()).item()
+    print(f"EliGen with {model_name}: the entities' effect vs bf16's: cosine {cosine:.4f}, norm ratio {ratio:.3f}")
+    assert cosine > 0.95 and 0.8 < ratio < 1.25
+
+
+def test_apply_shows_the_regions_and_their_prompts(host):
+    graph = poster_graph(host, steps=1)
+    result = host.run(graph)
+    ui = result.outputs[node_of(graph, "QIP_EliGenApply")]
+    assert [e["prompt"] for e in ui["qip_entities"]] == [prompt for prompt, _ in ELIGEN_ENTITIES]
+    (preview,) = ui["images"]
+    (path,) = [p for p in result.files["previews"] if p.name == preview["filename"]]
+    picture = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    assert picture.shape[:2] == (512, 512)  # box regions are drawn on a square grid of the image
+    for entity, (_, box) in zip(ui["qip_entities"], ELIGEN_ENTITIES):
+        colour = np.array([int(entity["colour"][i:i + 2], 16) for i in (1, 3, 5)])
+        left, top, right, bottom = (float(v) for v in box.split(","))
+        centre = picture[int((top + bottom) / 2 * 512), int((left + right) / 2 * 512)]
+        assert np.abs(centre - (0.35 * 0.12 * 255 + 0.65 * colour)).max() <= 2, (entity, centre)

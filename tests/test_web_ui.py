@@ -28,6 +28,7 @@ from test_t2i_host import node_id, small_t2i
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "web" / "js" / "qwen_image.js"
+APP_IMPORT = 'import { app } from "../../../scripts/app.js";'
 # Tensors a loader reads as markers, not weights (Edit-2511's zero_cond_t marker).
 MARKERS = ("__index_timestep_zero__",)
 
@@ -54,6 +55,15 @@ def badge(result, node: str) -> dict:
     return found
 
 
+def seen_sizes(sizes: list[tuple[int, int]], area: int = 512 * 512, multiple: int = 32) -> list[dict]:
+    """Edit Encode's ``qip_sizes`` for Edit-2509/2511 images of ``sizes`` (reference: the VL sees a 384x384-area
+    copy, the VAE the policy size of the chosen area)."""
+    return ([{"role": "vl", "index": i, "width": w, "height": h}
+             for i, (w, h) in enumerate(policy_size(w, h, EDIT_PLUS_VL_AREA) for w, h in sizes)]
+            + [{"role": "vae", "index": i, "width": w, "height": h}
+               for i, (w, h) in enumerate(policy_size(w, h, area, multiple) for w, h in sizes)])
+
+
 @pytest.fixture(scope="module")
 def edit_run(host):
     sizes = [(1000, 750), (300, 520)]
@@ -67,11 +77,7 @@ def edit_run(host):
 def test_edit_encode_shows_what_the_model_sees(host, edit_run):
     sizes, result = edit_run
     ui = result.outputs["encode"]
-    # Edit-2509/2511 reference: the VL sees a 384x384-area copy, the VAE the policy size of the chosen area.
-    expected = ([{"role": "vl", "index": i, "width": w, "height": h}
-                 for i, (w, h) in enumerate(policy_size(w, h, EDIT_PLUS_VL_AREA) for w, h in sizes)]
-                + [{"role": "vae", "index": i, "width": w, "height": h}
-                   for i, (w, h) in enumerate(policy_size(w, h, 512 * 512, 32) for w, h in sizes)])
+    expected = seen_sizes(sizes)
     assert ui["qip_sizes"] == expected
     assert len(ui["images"]) == len(expected)
     assert all(item["type"] == "temp" for item in ui["images"])
@@ -168,7 +174,18 @@ const latent21 = make("QIP_21EmptyLatent");
 latent21.widgets = [{name: "width", value: 1040}, {name: "height", value: 1024}];
 latent21.onDrawForeground(ctx);
 out.latent21 = drawn.splice(0);
+const picker = make("QIP_EmptyLatent");
+picker.widgets = [{name: "preset", value: "1328x1328 (1:1)", callback(value) { this.originalGot = value; }},
+                  {name: "width", value: 1024}, {name: "height", value: 1024}];
+picker.onNodeCreated();  // a new node: its fields take its default preset's size
+out.created = [picker.widgets[1].value, picker.widgets[2].value];
+const pick = (value) => { picker.widgets[0].value = value; picker.widgets[0].callback(value); };
+pick("1664x928 (16:9)");
+out.picked = [picker.widgets[1].value, picker.widgets[2].value, picker.widgets[0].originalGot];
+pick("custom (width x height below)");  // custom keeps the fields as they are
+out.pickedCustom = [picker.widgets[1].value, picker.widgets[2].value];
 const encode = make("QIP_EditEncode");
+encode.size = new Float32Array([300, 100]);  // current frontends' node.size is a typed array
 encode.widgets = [{name: "area", value: "1024x1024 (reference)"}, {name: "size_multiple", value: 32}];
 encode.onDrawForeground(ctx);
 out.area = drawn.splice(0);
@@ -185,6 +202,13 @@ loader.onExecuted({qip_badge: [{variant: "Edit-2511", format: "Q4_K_M", paramete
 loader.onExecuted(undefined);  // a message without a badge keeps the last one
 loader.onDrawForeground(ctx);
 out.badge = drawn.splice(0);
+const apply = make("QIP_EliGenApply");
+apply.onDrawForeground(ctx);
+out.noEntities = drawn.splice(0);
+apply.onExecuted({images: [], qip_entities: [{prompt: "a red\n umbrella", colour: "#e65046"},
+                                             {prompt: "x".repeat(60), colour: "not a colour"}]});
+apply.onDrawForeground(ctx);
+out.entities = drawn.splice(0);
 console.log(JSON.stringify(out));
 """
 
@@ -194,7 +218,9 @@ def test_the_extension_draws(tmp_path):
     source = SCRIPT.read_text(encoding="utf-8")
     stub = "const app = {registerExtension(extension) { globalThis.registered = extension; }};"
     script = tmp_path / "driver.mjs"
-    script.write_text(source.replace('import { app } from "../../scripts/app.js";', stub) + DRIVER, encoding="utf-8")
+    # the host serves the file at /extensions/<pack>/js/, three levels under the root that holds scripts/app.js
+    assert APP_IMPORT in source
+    script.write_text(source.replace(APP_IMPORT, stub) + DRIVER, encoding="utf-8")
     result = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -202,9 +228,12 @@ def test_the_extension_draws(tmp_path):
     assert out["custom"] == ["1000×512 · 0.51 MP · 1984 tokens", "⚠ not a multiple of 16: use 992×512"]
     assert out["preset"] == ["1328×1328 · 1.76 MP · 6889 tokens"]
     assert out["latent21"] == ["1040×1024 · 1.06 MP · 4160 tokens", "⚠ not a multiple of 32: use 1024×1024"]
+    assert out["created"] == [1328, 1328]
+    assert out["picked"] == [1664, 928, "1664x928 (16:9)"] and out["pickedCustom"] == [1664, 928]
     assert out["area"] == ["≈ 1.05 MP · ≈ 4096 tokens per image"]
     assert out["seen"] == ["VL 1: 448×320", "VAE 1: 1216×864"] and out["encodeOriginal"]
     assert out["badge"] == ["Edit-2511 · Q4_K_M · 20.4 B params · 12.00 GB"]
+    assert out["noEntities"] == [] and out["entities"] == ["■ 1: a red umbrella", "■ 2: " + "x" * 47 + "…"]
 
 
 def test_2_1_loaders_show_their_badges(host, host_models_dir):

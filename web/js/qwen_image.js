@@ -1,10 +1,13 @@
 // Qwen-Image node pack: small on-node helpers (no build step; the host's stable extension API only).
 //  - latent / edit nodes: megapixels, DiT tokens, and a warning when a size is off the model's grid;
+//  - Empty Latent: picking an aspect preset copies its size (on the model's grid) into width / height, so the
+//    custom fields start from it; the sizes come from the node's own preset labels (the host's object_info);
 //  - Edit Encode, after a run: the sizes of the images the vision tower (VL) and the VAE received (the previews
 //    themselves come through the host's standard "images" output);
-//  - loaders, after loading: variant, weight format, parameters and memory.
+//  - loaders, after loading: variant, weight format, parameters and memory;
+//  - Apply EliGen Entities, after a run: the entities' prompts in the colours of their regions in its preview.
 // Widget values may be inputs or missing (node.widgets can be undefined in current frontends): everything guards.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
 const LATENT_NODES = {
   // node id: [pixels per DiT token side, the multiple the node requires]
@@ -16,6 +19,7 @@ const LOADERS = new Set([
   "QIP_DiffusionModelLoader", "QIP_TextEncoderLoader", "QIP_VAELoader",
   "QIP_21DiffusionModelLoader", "QIP_21TextEncoderLoader", "QIP_21VAELoader",
 ]);
+const ELIGEN_APPLY = "QIP_EliGenApply";
 const WARN = "#e8a33d";
 const TEXT = "#9aa4ad";
 
@@ -34,10 +38,38 @@ function megapixels(pixels) {
   return (pixels / 1e6).toFixed(2) + " MP";
 }
 
+// The nearest multiple, ties to even: the size the node's own message suggests (Python's round).
+function snap(value, multiple) {
+  const q = value / multiple, low = Math.floor(q);
+  const n = q - low === 0.5 ? (low % 2 === 0 ? low : low + 1) : Math.round(q);
+  return Math.max(multiple, n * multiple);
+}
+
+// The size a preset label names ("1664x928 (16:9)"), or null for "custom ..." and anything without a size.
+export function presetSize(value) {
+  return value === undefined || String(value).startsWith("custom") ? null : parseSize(value);
+}
+
+// Copies the picked preset's size, snapped to the node's grid, into its width / height widgets (when it has them).
+// Returns the size set, or null when the preset is custom (the fields stay as the user left them).
+export function applyPreset(nodeId, node, value) {
+  const size = presetSize(value);
+  const widgets = Array.isArray(node?.widgets) ? node.widgets : [];
+  const width = widgets.find((w) => w && w.name === "width");
+  const height = widgets.find((w) => w && w.name === "height");
+  if (!size || !width || !height) return null;
+  const multiple = LATENT_NODES[nodeId][1];
+  const snapped = size.map((side) => snap(side, multiple));
+  width.value = snapped[0];
+  height.value = snapped[1];
+  node.setDirtyCanvas?.(true, true);
+  return snapped;
+}
+
 export function latentLines(nodeId, node) {
   const [tokenSide, multiple] = LATENT_NODES[nodeId];
   const preset = widgetValue(node, "preset");
-  let size = preset !== undefined && !String(preset).startsWith("custom") ? parseSize(preset) : null;
+  let size = presetSize(preset);
   if (!size) {
     const width = Number(widgetValue(node, "width"));
     const height = Number(widgetValue(node, "height"));
@@ -48,13 +80,8 @@ export function latentLines(nodeId, node) {
   const tokens = Math.floor(width / tokenSide) * Math.floor(height / tokenSide);
   const lines = [{ text: `${width}×${height} · ${megapixels(width * height)} · ${tokens} tokens`, color: TEXT }];
   if (width % multiple || height % multiple) {
-    // the nearest multiple, ties to even: the size the node's own message suggests (Python's round)
-    const snap = (v) => {
-      const q = v / multiple, low = Math.floor(q);
-      const n = q - low === 0.5 ? (low % 2 === 0 ? low : low + 1) : Math.round(q);
-      return Math.max(multiple, n * multiple);
-    };
-    lines.push({ text: `⚠ not a multiple of ${multiple}: use ${snap(width)}×${snap(height)}`, color: WARN });
+    lines.push({ text: `⚠ not a multiple of ${multiple}: use ${snap(width, multiple)}×${snap(height, multiple)}`,
+                 color: WARN });
   }
   return lines;
 }
@@ -99,14 +126,26 @@ export function badgeLine(badge) {
   return [{ text: parts.filter(Boolean).join(" · "), color: TEXT }];
 }
 
+export function entityLines(entities) {
+  // Apply EliGen Entities, after a run: each entity's prompt in the colour of its region in the preview
+  if (!Array.isArray(entities)) return [];
+  return entities.filter((e) => e && typeof e === "object").map((e, i) => {
+    const prompt = String(e.prompt ?? "").replace(/\s+/g, " ").trim();
+    const short = prompt.length > 48 ? `${prompt.slice(0, 47)}…` : prompt;
+    return { text: `■ ${i + 1}: ${short}`, color: /^#[0-9a-f]{6}$/i.test(String(e.colour)) ? e.colour : TEXT };
+  });
+}
+
 function drawLines(node, ctx, lines) {
-  if (!lines.length || node.flags?.collapsed || !Array.isArray(node.size)) return;
+  // node.size is a typed array in current frontends (a plain array in older ones and in the tests' stand-in)
+  const height = Number(node.size?.[1]);
+  if (!lines.length || node.flags?.collapsed || !Number.isFinite(height)) return;
   ctx.save();
   ctx.font = "11px sans-serif";
   ctx.textAlign = "left";
   lines.forEach((line, i) => {
     ctx.fillStyle = line.color;
-    ctx.fillText(line.text, 6, node.size[1] + 14 + 13 * i);  // under the node, clear of its widgets
+    ctx.fillText(line.text, 6, height + 14 + 13 * i);  // under the node, clear of its widgets
   });
   ctx.restore();
 }
@@ -130,6 +169,22 @@ app.registerExtension({
     const id = nodeData?.name;
     if (!id || !nodeType?.prototype) return;
     if (id in LATENT_NODES) {
+      chain(nodeType.prototype, "onNodeCreated", function () {
+        const node = this;
+        const preset = (Array.isArray(node.widgets) ? node.widgets : []).find((w) => w && w.name === "preset");
+        if (!preset) return;  // QIP_21EmptyLatent: width / height only
+        const original = preset.callback;
+        preset.callback = function (value, ...rest) {
+          const result = original?.apply(this, [value, ...rest]);
+          try {
+            applyPreset(id, node, value ?? preset.value);
+          } catch (error) {
+            console.warn("qwen_image.ui: preset", error);
+          }
+          return result;
+        };
+        applyPreset(id, node, preset.value);  // a new node: its fields show its default preset's size
+      });
       chain(nodeType.prototype, "onDrawForeground", function (ctx) { drawLines(this, ctx, latentLines(id, this)); });
     } else if (AREA_NODES.has(id)) {
       chain(nodeType.prototype, "onExecuted", function (message) {
@@ -139,6 +194,12 @@ app.registerExtension({
       chain(nodeType.prototype, "onDrawForeground", function (ctx) {
         drawLines(this, ctx, this.qipSizes ? sizeLines(this.qipSizes) : areaLines(this));
       });
+    } else if (id === ELIGEN_APPLY) {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        this.qipEntities = Array.isArray(message?.qip_entities) ? message.qip_entities : undefined;
+        this.setDirtyCanvas?.(true, true);
+      });
+      chain(nodeType.prototype, "onDrawForeground", function (ctx) { drawLines(this, ctx, entityLines(this.qipEntities)); });
     } else if (LOADERS.has(id)) {
       chain(nodeType.prototype, "onExecuted", function (message) {
         const badge = Array.isArray(message?.qip_badge) ? message.qip_badge[0] : undefined;
