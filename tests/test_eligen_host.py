@@ -128,13 +128,15 @@ def on_reference_schedule(pipe, steps: int) -> None:
     pipe.dit.time_text_embed.forward = exact_sigma
 
 
-def test_eligen_poster_final_latent_equals_diffsynth(host, host_models_dir):
+@pytest.mark.parametrize("on_negative", [False, True], ids=["plain_negative", "entities_on_negative"])
+def test_eligen_poster_final_latent_equals_diffsynth(host, host_models_dir, on_negative):
     from diffsynth.pipelines.qwen_image import QwenImagePipeline
     from transformers import Qwen2Tokenizer
 
     steps, seed = 3, 5
     graph = poster_graph(host, steps=steps, seed=seed, lora=False)
-    save_latent(graph, [node_of(graph, "SamplerCustomAdvanced"), 0], "eligen")
+    graph[node_of(graph, "QIP_EliGenApply")]["inputs"]["entities_on_negative"] = on_negative
+    save_latent(graph, [node_of(graph, "SamplerCustomAdvanced"), 0], f"eligen_{on_negative}")
     result = host.run(graph)
     ours = normalized_packed(read_latent(result))
 
@@ -151,11 +153,13 @@ def test_eligen_poster_final_latent_equals_diffsynth(host, host_models_dir):
     with tanh_gelu(), torch.no_grad():
         pipe(prompt=ELIGEN_GLOBAL, negative_prompt=ELIGEN_NEGATIVE, cfg_scale=4.0, height=HEIGHT, width=WIDTH,
              seed=seed, rand_device="cpu", num_inference_steps=steps,
-             eligen_entity_prompts=[prompt for prompt, _ in ELIGEN_ENTITIES], eligen_entity_masks=masks)
+             eligen_entity_prompts=[prompt for prompt, _ in ELIGEN_ENTITIES], eligen_entity_masks=masks,
+             eligen_enable_on_negative=on_negative)
     reference = pack(pipe.vae.latents)
     assert ours.shape == reference.shape
     error = (ours - reference).abs().max().item()
-    print(f"EliGen poster end-to-end vs DiffSynth QwenImagePipeline (3 entities, CFG 4, {steps} steps): max abs "
+    print(f"EliGen poster end-to-end vs DiffSynth QwenImagePipeline (3 entities, CFG 4, {steps} steps, entities on "
+          f"the negative: {on_negative}): max abs "
           f"error {error:.2e} (|latent| max {reference.abs().max():.2f})")
     assert error <= 1e-4
     noise = torch.randn([1, 16, HEIGHT // 8, WIDTH // 8], generator=torch.manual_seed(seed))
