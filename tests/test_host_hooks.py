@@ -8,6 +8,8 @@ record are replayed here with the library (standalone: PyTorch SDPA) to check th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 
 from models import BLOCK_HOOK, load_diffusion_model
 from tiny_models.configs import TINY_DIT
+from env import comfyui_path
 from test_t2i_host import read_latent, save_latent, small_t2i
 
 DEPTH = TINY_DIT["num_layers"]
@@ -168,3 +171,32 @@ def test_the_2_1_model_runs_under_the_host_wrappers(host, tmp_path):
     host.run(graph)
     calls = _lines(record)
     assert len(calls) == 3 and all(call["options_last"] for call in calls)  # one call per step at CFG 1
+
+
+MASK_PROBE = r"""
+import importlib.util, sys
+comfy_dir, repo = sys.argv[1:3]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, comfy_dir)
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.ldm.modules.attention as host
+spec = importlib.util.spec_from_file_location("qip", repo + "/__init__.py", submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["qip"] = pack
+spec.loader.exec_module(pack)
+from qip.nodes.host.attention import masked_backend
+assert masked_backend(host.attention_sage) is host.attention_pytorch
+others = [host.attention_pytorch, host.attention_sub_quad, host.attention_split, host.attention_basic,
+          host.attention_flash, host.attention_xformers]
+assert all(masked_backend(f) is f for f in others)
+print("masked calls routed")
+"""
+
+
+def test_masked_calls_avoid_backends_that_may_drop_masks():
+    # --use-sage-attention makes SageAttention the host's masked attention too; some of its releases accept
+    # attn_mask and ignore it, which would let padded prompt tokens and EliGen entities act everywhere.
+    done = subprocess.run([sys.executable, "-c", MASK_PROBE, str(comfyui_path()), str(Path(__file__).parent.parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "masked calls routed" in done.stdout, done.stderr[-3000:]

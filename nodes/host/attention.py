@@ -5,6 +5,10 @@ ComfyUI's ``optimized_attention_masked`` with the current ``transformer_options`
 Fast backends can return NaN / inf on Qwen's large activations (users see black images): their output is checked
 and the call falls back to PyTorch SDPA, said once in the log.  The plain PyTorch backend is not checked (it is
 the fallback itself, and the check costs a device sync per call).
+
+Masks must hold (padded prompts, EliGen's entity regions): SageAttention releases differ on ``attn_mask`` (some
+raise, some accept and ignore it), so masked calls with --use-sage-attention go to the host's PyTorch attention,
+which ``optimized_attention_override`` wraps like every backend.
 """
 
 from __future__ import annotations
@@ -35,12 +39,21 @@ def _additive(mask: torch.Tensor | None, causal: bool, q: torch.Tensor, k: torch
     return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
 
 
+def masked_backend(attend):
+    """The host backend for a masked call: ``attend`` unless it may drop masks (SageAttention)."""
+    if attend is getattr(host_attention, "attention_sage", None):
+        return host_attention.attention_pytorch
+    return attend
+
+
 def host_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, causal: bool,
                 options: Mapping) -> torch.Tensor:
     """``q, k, v [B, heads, L, head_dim]`` -> ``[B, heads, L_q, head_dim]`` through the host's attention."""
     global _warned
     additive = _additive(mask, causal, q, k)
     attend = host_attention.optimized_attention_masked
+    if additive is not None:
+        attend = masked_backend(attend)
     out = attend(q, k, v, q.shape[1], mask=additive, skip_reshape=True, skip_output_reshape=True,
                  transformer_options=dict(options))
     if attend is host_attention.attention_pytorch or bool(torch.isfinite(out).all()):
