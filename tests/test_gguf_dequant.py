@@ -55,7 +55,7 @@ def test_bit_exact_with_gguf_py(qtype: str, kind: str):
     assert np.array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "IQ4_XS"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_path_and_output_dtype(qtype: str, dtype: torch.dtype, monkeypatch):
     # a chunk smaller than the tensor exercises the chunk loop and the fp32 scratch buffer

@@ -232,3 +232,65 @@ def test_dequant_cache_is_safe_when_one_layer_runs_in_several_threads():
     for thread in threads:
         thread.join()
     assert len(results) == 80 and all(torch.equal(r, expected) for r in results)
+
+
+def test_small_weights_are_dequantized_in_groups_and_stay_exact(monkeypatch):
+    # several Linears of one checkpoint (one context), mixed types and one weight too big to group: the first round
+    # learns the order, later rounds dequantize the small weights a group at a time; any order change is a miss
+    # that falls back, never a wrong weight
+    from models.io.gguf import layers as layers_module
+    from models.io.gguf.layers import DequantContext
+
+    monkeypatch.setattr(layers_module, "_GROUP_WEIGHT_ELEMENTS", 64 * 256)
+    calls: list[tuple[str, int]] = []
+    real = layers_module.dequantize_group
+
+    def counting(raws, qtype, out, workspace):
+        calls.append((qtype.name, len(raws)))
+        return real(raws, qtype, out, workspace)
+
+    monkeypatch.setattr(layers_module, "dequantize_group", counting)
+    context = DequantContext()
+    specs = [("Q4_K", 64), ("Q6_K", 32), ("Q4_K", 48), ("Q8_0", 96), ("Q4_K", 16), ("Q5_1", 64)]  # 96 rows: too big
+    layers = []
+    for i, (qtype, rows) in enumerate(specs):
+        weight = packed((rows, 256), qtype, seed=20 + i)
+        weight.context = context
+        layers.append(install(GGUFOps.Linear(256, rows, device="meta"), weight=weight, bias=torch.randn(rows)))
+    x = torch.randn(3, 256)
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = [F.linear(x.to(dtype), oracle(layer.weight).to(dtype), layer.bias.to(dtype)) for layer in layers]
+        for order in [range(6)] * 3 + [[0, 1, 3, 2, 4, 5], [5, 4, 0, 1, 2, 3], range(6), range(6)]:
+            for i in order:
+                assert torch.equal(layers[i](x.to(dtype)), expected[i]), (dtype, list(order), i)
+    # grouped runs happened, several weights of one type at once, and the too-big weight never was in one
+    assert any(n > 1 for _, n in calls) and ("Q8_0", 1) not in calls and all(q != "Q8_0" for q, _ in calls)
+    # moving the weights drops what was dequantized ahead
+    before = context.epoch
+    layers[2].to("cpu")
+    assert context.epoch > before
+    assert torch.equal(layers[3](x), F.linear(x, oracle(layers[3].weight), layers[3].bias))
+
+
+def test_grouped_dequantization_in_a_model_equals_one_weight_at_a_time(tmp_path):
+    # a whole tiny DiT, several steps: from the second step on its Linears are dequantized in groups; the result is
+    # the same as with grouping off (every weight alone), bit for bit
+    from models import load_diffusion_model
+    from models.io.gguf import layers as layers_module
+    from tiny_models.gguf_factory import K_QUANT_DIT, make_dit_gguf
+
+    model = load_diffusion_model(make_dit_gguf(tmp_path, qtype="Q4_K_M", config=K_QUANT_DIT), dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 16, 16, generator=g).bfloat16()
+    ctx = torch.randn(1, 8, K_QUANT_DIT["joint_attention_dim"], generator=g).bfloat16()
+    with torch.no_grad():
+        grouped = [model(x, torch.tensor([t]), ctx) for t in (0.9, 0.6, 0.3)]
+        context = next(p.context for p in model.parameters() if isinstance(p, QuantizedTensor))
+        assert context._scratch().group is not None  # grouping really ran
+        limit = layers_module._GROUP_WEIGHT_ELEMENTS
+        try:
+            layers_module._GROUP_WEIGHT_ELEMENTS = 0
+            single = [model(x, torch.tensor([t]), ctx) for t in (0.9, 0.6, 0.3)]
+        finally:
+            layers_module._GROUP_WEIGHT_ELEMENTS = limit
+    assert all(torch.equal(a, b) for a, b in zip(grouped, single))

@@ -43,8 +43,8 @@ import torch
 
 from .reader import QUANT_BLOCKS, GGMLType, GGUFError, quantized_nbytes
 
-__all__ = ["dequantize", "Workspace", "FusedDequant", "DEQUANTIZABLE_TYPES", "TORCH_TYPES", "GGUF_PY_TYPES",
-           "FUSED_TYPES", "IQ4_NL_VALUES"]
+__all__ = ["dequantize", "dequantize_group", "Workspace", "FusedDequant", "DEQUANTIZABLE_TYPES", "TORCH_TYPES",
+           "GGUF_PY_TYPES", "FUSED_TYPES", "CPU_KERNEL_TYPES", "IQ4_NL_VALUES"]
 
 logger = logging.getLogger("qwen_image")
 
@@ -298,11 +298,8 @@ def _q8_0(ws: Workspace, b: torch.Tensor, scales: Sequence[torch.Tensor], out: t
     # then one multiply from the 32 values of each row into ``out`` (about 10% less CPU time than copy_ + mul_)
     n, size = b.shape
     values = ws.get("values", (n, size), torch.float32)
-    if b.is_contiguous():
-        values.view(-1).copy_(b.view(torch.int8).view(-1))
-    else:
-        values.copy_(b.view(torch.int8))
-    torch.mul(values[:, 2:], scales[0], out=out)
+    values.copy_(b.view(torch.int8))  # contiguous blocks: one long row for TensorIterator
+    torch.mul(ws.memo(("q8_0", n), lambda: values[:, 2:]), scales[0], out=out)
 
 
 def _q4_0(ws: Workspace, b: torch.Tensor, scales: Sequence[torch.Tensor], out: torch.Tensor, cap: int) -> None:
@@ -354,8 +351,8 @@ _Q2_LAYOUT = tuple((j, 4 * a + w) for a in range(2) for j in range(4) for w in r
 _NIBBLE_LAYOUT = tuple((h, 4 * g + w) for g in range(4) for h in range(2) for w in range(4))
 # Q5_K: element 32k + l takes bit k of qh[l]: plane k, bytes l of 32.
 _Q5_HIGH_LAYOUT = tuple((k, w) for k in range(8) for w in range(4))
-# Q6_K: element 128h + 32k + l takes nibble k // 2 of ql[64h + 32(k % 2) + l] and bits 2k of qh[32h + l].
-_Q6_LOW_LAYOUT = tuple((k // 2, 8 * h + 4 * (k % 2) + w) for h in range(2) for k in range(4) for w in range(4))
+# Q6_K: element 128h + 32k + l takes nibble k // 2 of ql[64h + 32(k % 2) + l] and bits 2k of qh[32h + l]
+# (gathered from planes k of 64 bytes that hold both).
 _Q6_HIGH_LAYOUT = tuple((k, 4 * h + w) for h in range(2) for k in range(4) for w in range(4))
 # IQ4_XS: element 32i + 16h + j is nibble h of qs[16i + j].
 _IQ4_XS_LAYOUT = tuple((h, 2 * i + w) for i in range(8) for h in range(2) for w in range(2))
@@ -388,20 +385,37 @@ def _q4_k(ws: Workspace, b: torch.Tensor, scales: Sequence[torch.Tensor], out: t
 
 
 def _q5_k(ws: Workspace, b: torch.Tensor, scales: Sequence[torch.Tensor], out: torch.Tensor, cap: int) -> None:
+    # element 32k + l (k = 2g + h) is nibble h of qs[32g + l] plus bit k of qh[l] as 16: the bits go straight to
+    # bit 4 (shifts left for k < 4, right for k >= 4, then one mask), the nibble planes are OR-ed into the bit
+    # planes through a strided view, and one gather puts the 8 planes in element order
     n = b.shape[0]
-    low = _gather(ws, _planes(ws, b[:, 48:176], (0, 4), 0x0F, "planes", cap), _NIBBLE_LAYOUT, n, "q")
-    high = _planes(ws, _field(ws, b, 16, 48, "qh"), range(8), 1, "hplanes", cap)
-    high[:, :n].mul_(ws.scalar(16))  # bit 4 (a multiply: cheaper than a uint8 shift)
-    q = low.bitwise_or_(_gather(ws, high, _Q5_HIGH_LAYOUT, n, "qhigh"))
-    _scale(q, 32, scales[0], scales[1], out)
+    low = _planes(ws, b[:, 48:176], (0, 4), 0x0F, "planes", cap)  # [h, cap, 32g + l]
+    qh = _field(ws, b, 16, 48, "qh").unsqueeze(0)
+    high = ws.get("hplanes", (8, cap, 32))  # [k, cap, l]
+    filled = ws.memo(("q5high", n, cap), lambda: high[:, :n])
+    torch.bitwise_left_shift(qh, _shifts(ws, (4, 3, 2, 1), 3), out=filled[:4])
+    torch.bitwise_right_shift(qh, _shifts(ws, (0, 1, 2, 3), 3), out=filled[4:])
+    filled.bitwise_and_(ws.scalar(16))
+    ws.memo(("q5view", n, cap), lambda: filled.view(4, 2, n, 32)).bitwise_or_(
+        ws.memo(("q5low", n, cap), lambda: low[:, :n].view(2, n, 4, 32).permute(2, 0, 1, 3)))
+    _scale(_gather(ws, high, _Q5_HIGH_LAYOUT, n, "q"), 32, scales[0], scales[1], out)
 
 
 def _q6_k(ws: Workspace, b: torch.Tensor, scales: Sequence[torch.Tensor], out: torch.Tensor, cap: int) -> None:
+    # element 128h + 32k + l is nibble k // 2 of ql[64h + 32(k % 2) + l] plus bits 2k of qh[32h + l] as bits 4-5:
+    # the high bits go straight to bits 4-5 (shifts left by 4, 2, 0, right by 2, then one mask), the nibble
+    # planes are OR-ed into the high planes through a strided view, and one gather puts them in element order
     n = b.shape[0]
-    low = _gather(ws, _planes(ws, b[:, :128], (0, 4), 0x0F, "planes", cap), _Q6_LOW_LAYOUT, n, "q")
-    high = _planes(ws, b[:, 128:192], (0, 2, 4, 6), 3, "hplanes", cap)
-    high[:, :n].mul_(ws.scalar(16))  # bits 4-5
-    q = low.bitwise_or_(_gather(ws, high, _Q6_HIGH_LAYOUT, n, "qhigh")).sub_(ws.scalar(32)).view(torch.int8)
+    low = _planes(ws, b[:, :128], (0, 4), 0x0F, "planes", cap)  # [k // 2, cap, 64h + 32(k % 2) + l]
+    qh = _field(ws, b, 128, 192, "qh").unsqueeze(0)
+    high = ws.get("hplanes", (4, cap, 64))  # [k, cap, 32h + l]
+    filled = ws.memo(("q6high", n, cap), lambda: high[:, :n])
+    torch.bitwise_left_shift(qh, _shifts(ws, (4, 2, 0), 3), out=filled[:3])
+    torch.bitwise_right_shift(qh, ws.scalar(2), out=filled[3:])
+    filled.bitwise_and_(ws.scalar(0x30))
+    ws.memo(("q6view", n, cap), lambda: filled.view(2, 2, n, 2, 32)).bitwise_or_(
+        ws.memo(("q6low", n, cap), lambda: low[:, :n].view(2, n, 2, 2, 32).permute(0, 3, 1, 2, 4)))
+    q = _gather(ws, high, _Q6_HIGH_LAYOUT, n, "q").sub_(ws.scalar(32)).view(torch.int8)
     _scale(q, 16, scales[0], None, out)
 
 
@@ -439,6 +453,7 @@ _KERNELS: dict[GGMLType, _Kernel] = {
 }
 _FLOAT_TYPES = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 TORCH_TYPES = frozenset(_KERNELS) | frozenset(_FLOAT_TYPES)
+CPU_KERNEL_TYPES = frozenset(_KERNELS)  # block types with eager CPU kernels (what :func:`dequantize_group` takes)
 
 
 # -- the fused path: one functional expression per type, for torch.compile ----------------------------------------
@@ -651,22 +666,24 @@ class _Serial:
 def _cpu(ws: Workspace, blocks: torch.Tensor, qtype: GGMLType, out: torch.Tensor) -> None:
     """The CPU kernels: scales per span of chunks, then each chunk into fp32 (in ``out`` when it is fp32, else in a
     workspace buffer cast into ``out`` while in cache).  A tensor of one chunk is not sliced at all: for the
-    small weights of small models the per-op costs are most of the time."""
+    small weights of small models the per-op costs are most of the time; longer ones are cut with one ``split``
+    per tensor (a Python slice per chunk and tensor costs as much as a small op)."""
     kernel = _KERNELS[qtype]
     n, block = out.shape
     chunk = max(1, _CPU_CHUNK_ELEMENTS // block)
     span = chunk * _HEADER_CHUNKS
-    for first in range(0, n, span):
-        part = blocks if n <= span else blocks[first:first + span]
+    fp32 = out.dtype == torch.float32
+    spans = zip((blocks,), (out,)) if n <= span else zip(blocks.split(span), out.split(span))
+    for part, part_out in spans:
         header = kernel.header(ws, part)
         rows = part.shape[0]
-        for start in range(0, rows, chunk):
-            stop = min(start + chunk, rows)
-            whole = stop - start == rows
-            target = out if whole and rows == n else out[first + start:first + stop]
-            values = target if out.dtype == torch.float32 else ws.get("fp32", (stop - start, block), torch.float32)
-            kernel.body(ws, part if whole else part[start:stop], header if whole else [h[start:stop] for h in header],
-                        values, chunk)
+        if rows <= chunk:
+            pieces = ((part, header, part_out),)
+        else:
+            pieces = zip(part.split(chunk), zip(*(h.split(chunk) for h in header)), part_out.split(chunk))
+        for piece, scales, target in pieces:
+            values = target if fp32 else ws.get("fp32", tuple(target.shape), torch.float32)
+            kernel.body(ws, piece, scales, values, chunk)
             if values is not target:
                 target.copy_(values)
 
@@ -676,6 +693,27 @@ def _functional(blocks: torch.Tensor, qtype: GGMLType, out: torch.Tensor) -> Non
     chunk = max(1, _DEVICE_CHUNK_ELEMENTS // out.shape[1])
     for start in range(0, blocks.shape[0], chunk):
         out[start:start + chunk] = _FUSED[qtype](blocks[start:start + chunk], out.dtype)
+
+
+def dequantize_group(raws: Sequence[torch.Tensor], qtype: GGMLType, out: torch.Tensor,
+                     workspace: Workspace) -> torch.Tensor:
+    """Dequantize several CPU tensors of one type (:data:`CPU_KERNEL_TYPES`) with ONE kernel call, back to back into
+    ``out`` (contiguous, flat, exactly their elements, any float dtype): their bytes are first copied one after
+    the other into a workspace buffer (one ``torch.cat``: the packed bytes are small).  For many small weights, whose
+    time goes to the per-op costs of the eager kernels rather than to their arithmetic, this replaces one kernel
+    call - a few dozen ops - per weight by one per group.  Nothing is checked: the caller passes whole blocks."""
+    block, type_size = QUANT_BLOCKS[qtype]
+    flat = [raw.reshape(-1) for raw in raws]
+    n = sum(f.numel() for f in flat) // type_size
+    if len(flat) == 1:
+        blocks = flat[0].view(n, type_size)
+    else:
+        blocks = workspace.get("group", (n * type_size,))
+        torch.cat(flat, out=blocks)
+        blocks = blocks.view(n, type_size)
+    with _Serial():
+        _cpu(workspace, blocks, qtype, out.view(n, block))
+    return out
 
 
 def dequantize(raw: torch.Tensor, qtype: GGMLType | int, shape: Sequence[int],

@@ -9,7 +9,9 @@ device (the bytes are not numbers).  Every other torch operation sees plain byte
 :class:`GGUFOps` has the class names and constructor signatures of :class:`models.common.ops.CastOps`.  A layer whose
 weight is a QuantizedTensor moves the packed bytes to the input's device and dequantizes them there, in the
 input's dtype, at each call ("just in time"), into its context's scratch for the calling thread; F32/F16/BF16
-weights behave exactly like CastOps.  Two caches trade memory for time and are visible in :func:`memory_report`:
+weights behave exactly like CastOps.  On the CPU, small weights are dequantized in groups, a few kernel calls per
+step instead of one per layer (:meth:`DequantContext.jit`: per-op costs, not arithmetic, are most of the time of
+small weights).  Two caches trade memory for time and are visible in :func:`memory_report`:
 
 * the dequant-once cache, for layers that see one vector per step: on by default for the weights a checkpoint marks
   ``keep_dense`` (the DiT's :data:`ONE_VECTOR_LAYERS`: modulations and timestep MLP, a third of all parameters,
@@ -29,6 +31,7 @@ context, and the caches are replaced atomically (a thread that finds none builds
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...common.ops import CastOps, cast_bias, cast_weight
-from .dequant import FusedDequant, Workspace, dequantize
+from .dequant import CPU_KERNEL_TYPES, FusedDequant, Workspace, dequantize, dequantize_group
 from .reader import GGMLType, quantized_nbytes
 
 __all__ = ["QuantizedTensor", "DequantContext", "GGUFOps", "enable_dequant_cache", "memory_report", "MemoryReport",
@@ -58,12 +61,33 @@ _KEEP_QUANTIZED = {
 }
 
 
+# Grouped just-in-time dequantization on the CPU (see DequantContext.jit): weights of at most this many elements
+# are dequantized in groups, of at most _GROUP_ELEMENTS elements in all (the size of the "weight" buffer it needs
+# at most, in the compute dtype; bigger weights are dequantized one at a time, as their arithmetic dwarfs the
+# per-op costs anyway).
+_GROUP_WEIGHT_ELEMENTS = 1 << 20
+_GROUP_ELEMENTS = 1 << 22
+
+
+class _Group:
+    """Weights dequantized together ahead of their use: ``weights[i]`` (weak) gets ``views[i]``, in order."""
+
+    __slots__ = ("weights", "views", "dtype", "next", "epoch")
+
+    def __init__(self, weights: list, views: list[torch.Tensor], dtype: torch.dtype, epoch: int):
+        self.weights, self.views, self.dtype, self.next, self.epoch = weights, views, dtype, 1, epoch
+
+
 class _ThreadScratch:
-    """One thread's scratch in one context (CPU): the kernels' workspace, output buffers per role."""
+    """One thread's scratch in one context (CPU): the kernels' workspace, output buffers per role, and what grouped
+    just-in-time dequantization learns (which weight followed which) and holds (the group being used)."""
 
     def __init__(self):
         self.workspace = Workspace()
         self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.follows: dict[tuple[int, torch.dtype], weakref.ref] = {}  # (id, dtype) -> the weight asked for next
+        self.last: tuple[int, torch.dtype] | None = None
+        self.group: _Group | None = None
 
 
 class DequantContext:
@@ -79,6 +103,7 @@ class DequantContext:
     def __init__(self, fused: bool = True):
         self._threads = threading.local()
         self.fused = FusedDequant() if fused else None
+        self.epoch = 0  # bumped when weights move or change: groups dequantized before are dropped
 
     def __reduce__(self):  # pickled weights get a fresh context (scratch is never saved)
         return DequantContext, (self.fused is not None,)
@@ -104,6 +129,73 @@ class DequantContext:
             buffers[key] = None  # free the old buffer before allocating the new one
             buffer = buffers[key] = torch.empty(numel, dtype=like.dtype)
         return buffer[:numel]
+
+    def invalidate(self) -> None:
+        """Drop (in every thread) what was dequantized ahead of use: a weight moved or changed."""
+        self.epoch += 1
+
+    def jit(self, weight: "QuantizedTensor", like: torch.Tensor) -> torch.Tensor:
+        """``weight`` dequantized for one use, right away, by a CPU input ``like`` (its dtype; no autograd): in the
+        calling thread's reused "weight" buffer, valid until this thread's next request.
+
+        Small weights are dequantized in groups.  Each thread remembers which weight was asked for after which;
+        a request that is not the next one of the current group starts a new group along that chain (weights of
+        up to ``_GROUP_WEIGHT_ELEMENTS`` elements, ``_GROUP_ELEMENTS`` in all, none twice), dequantized with one
+        kernel call per type into consecutive parts of the buffer, and the following requests that match the
+        chain get their part without any work.  A denoising step asks for the same weights in the same order every
+        time, so from the second step on a tiny model's step costs a few kernel calls instead of one per Linear
+        (per-op costs, not arithmetic, are most of the time of small weights).  Any other request is a miss that
+        drops the group: never a wrong weight, only wasted work."""
+        scratch = self._scratch()
+        dtype = like.dtype
+        key = (id(weight), dtype)
+        if scratch.last is not None:
+            scratch.follows[scratch.last] = weakref.ref(weight)
+        scratch.last = key
+        group = scratch.group
+        if group is not None:
+            index = group.next
+            if (index < len(group.views) and group.weights[index]() is weight and group.dtype == dtype
+                    and group.epoch == self.epoch):
+                group.next = index + 1
+                return group.views[index]
+            scratch.group = None
+        chain = self._chain(scratch, weight, dtype)
+        if len(chain) < 2:
+            return _dense(weight, like, role="weight")
+        sizes = [w.logical_shape.numel() for w in chain]
+        out = self.buffer("weight", sum(sizes), like)
+        views: list[torch.Tensor | None] = [None] * len(chain)
+        by_type: dict[GGMLType, list[int]] = {}
+        for i, w in enumerate(chain):
+            by_type.setdefault(w.qtype, []).append(i)
+        start = 0
+        for qtype, members in by_type.items():
+            stop = start + sum(sizes[i] for i in members)
+            dequantize_group([chain[i].as_subclass(torch.Tensor) for i in members], qtype, out[start:stop],
+                             scratch.workspace)
+            for i in members:
+                views[i] = out[start:start + sizes[i]].view(chain[i].logical_shape)
+                start += sizes[i]
+        scratch.group = _Group([weakref.ref(w) for w in chain], views, dtype, self.epoch)
+        return views[0]
+
+    @staticmethod
+    def _chain(scratch: _ThreadScratch, weight: "QuantizedTensor", dtype: torch.dtype) -> list["QuantizedTensor"]:
+        """``weight`` and the weights that followed it last time, as far as they can be grouped with it."""
+        chain: list[QuantizedTensor] = []
+        seen: set[int] = set()
+        total = 0
+        while weight is not None and id(weight) not in seen and weight.qtype in CPU_KERNEL_TYPES:
+            size = weight.logical_shape.numel()
+            if size > _GROUP_WEIGHT_ELEMENTS or total + size > _GROUP_ELEMENTS or weight.device.type != "cpu":
+                break
+            chain.append(weight)
+            seen.add(id(weight))
+            total += size
+            follower = scratch.follows.get((id(weight), dtype))
+            weight = None if follower is None else follower()
+        return chain
 
     def scratch_bytes(self) -> int:
         """Memory of the calling thread's scratch in this context."""
@@ -264,6 +356,9 @@ class _GGUFLayer:
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved or converted: the dense copy is stale (and may pin memory on another device)
+        weight = getattr(self, "weight", None)
+        if isinstance(weight, QuantizedTensor) and weight.context is not None:
+            weight.context.invalidate()  # and so is what its context dequantized ahead of use
         return super()._apply(fn, recurse)
 
     def _weight_patch(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -280,7 +375,15 @@ class _GGUFLayer:
         quantized = isinstance(weight, QuantizedTensor)
         patch = self._weight_patch() if patched else None
         if self._lora is None and not (quantized and self.keeps_dequantized() and weight.device == like.device):
-            dense = _dense(weight, like, role="weight") if quantized else cast_weight(self, like)
+            if quantized:
+                context = weight.context
+                if (context is not None and like.device.type == "cpu"
+                        and not (like.requires_grad and torch.is_grad_enabled())):
+                    dense = context.jit(weight, like)
+                else:
+                    dense = _dense(weight, like, role="weight")
+            else:
+                dense = cast_weight(self, like)
             if patch is None:
                 return dense
             return patch(dense if quantized or dense is not weight else dense.clone())  # never the parameter
