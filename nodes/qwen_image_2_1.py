@@ -82,7 +82,7 @@ class TextEncoderLoader21(Node):
             "fp8, or the diffusers text_encoder folder); the tokenizer comes from the folder or your ComfyUI install.",
             inputs=loader_inputs("text_encoder_name", list_models("text_encoders", "text_encoder", WEIGHT_EXTENSIONS),
                                  "A Qwen3-VL file or HF folder in models/text_encoders (or models/clip), e.g. "
-                                 "qwen_3_vl_8b.safetensors."),
+                                 "qwen3vl_8b_bf16.safetensors."),
             outputs=[output(TextEncoder, None, "The Qwen3-VL condition encoder with its tokenizer.")])
 
     @classmethod

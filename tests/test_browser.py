@@ -4,7 +4,8 @@ One browser for the module (tests/browser/drive.mjs, one node process): it opens
 
 * loads every template of the host's template list the way the template browser does (``app.loadGraphData``):
   no missing node type, no node the frontend could not build, no dialog; and no console error or warning from the
-  pack in the whole session (our extension loads: ``qwen_image.ui`` is registered);
+  pack in the whole session (our extension loads: ``qwen_image.ui`` is registered); once Load Image shows its
+  picture, every node keeps the size the layout gave it, none overlaps another and no link crosses a node;
 * picks every option of Empty Latent's ``preset`` through the combo widget (value, then its callback): width and
   height take the preset's size (the node's own preset list, models/qwen_image/latent.py's ASPECT_PRESETS), and the
   node draws its megapixels and tokens (and the off-grid warning for a custom size);
@@ -31,6 +32,7 @@ import pytest
 from PIL import Image
 
 import env
+from build_workflows import FRONTEND, _crosses
 from host import PACK_NAME
 from models.qwen_image.latent import ASPECT_PRESETS
 from test_edit_host import EDIT_PLUS, _add_images, edit_graph
@@ -154,6 +156,40 @@ def test_every_template_loads_in_the_frontend(session):
     ours = [message for message in session["console"] if _from_pack(message)]
     assert not ours, (f"console errors / warnings from the pack:\n{_report(ours)}\n\nall errors and warnings:\n"
                       f"{_report(session['console'])}")
+
+
+def test_templates_keep_their_layout_once_image_previews_show(session):
+    """The layout (tools/build_workflows.py) is what the frontend draws: once Load Image shows its picture, every
+    node has the size the template gives it (none grew over a neighbour), no two nodes overlap, the sockets are where
+    the layout expects them and no link crosses a node."""
+    loaded = _step(session, "templates")
+    problems = {}
+    for name, info in loaded.items():
+        workflow = json.loads((EXAMPLES / f"{name}.json").read_text(encoding="utf-8"))
+        planned = {node["id"]: node for node in workflow["nodes"]}
+        found = []
+        for node in info["layout"]:
+            if node["type"] == "LoadImage" and node["previews"] != 1:
+                found.append(f"Load Image {node['id']} shows {node['previews']} images")
+            if any(abs(got - want) > 0.5 for got, want in zip(node["size"], planned[node["id"]]["size"])):
+                found.append(f"node {node['id']} ({node['type']}) is drawn {node['size']}, laid out "
+                             f"{planned[node['id']]['size']}")
+            if node["type"] in FRONTEND and node["sockets"] != list(FRONTEND[node["type"]][0]):
+                found.append(f"node {node['id']} ({node['type']}) has sockets {node['sockets']}")
+        rects = {node["id"]: (node["pos"][0], node["pos"][1] - info["title_height"],
+                              node["pos"][0] + node["size"][0], node["pos"][1] + node["size"][1])
+                 for node in info["layout"]}
+        found += [f"nodes {a} and {b} overlap" for a, ra in rects.items() for b, rb in rects.items()
+                  if a < b and not (ra[2] <= rb[0] or rb[2] <= ra[0] or ra[3] <= rb[1] or rb[3] <= ra[1])]
+        for link in info["links"]:  # from the source's right edge to the target's left one, at the slots' heights
+            start = (rects[link["origin"]][2], link["start"][1])
+            end = (rects[link["target"]][0], link["end"][1])
+            found += [f"link {link['id']} crosses node {node_id}" for node_id, rect in rects.items()
+                      if node_id not in (link["origin"], link["target"]) and _crosses(start, end, rect)]
+        if found:
+            problems[name] = found
+    assert not problems, (f"templates the frontend draws otherwise than laid out (screenshots: "
+                          f"{session['artifacts']}): {json.dumps(problems, indent=1)}")
 
 
 def _latent_line(width: int, height: int) -> str:

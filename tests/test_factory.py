@@ -367,11 +367,19 @@ def test_make_all_and_cli_write_the_demo_set(tmp_path, capsys):
         "layered_diffusion_model": tmp_path / "api" / "diffusion_models" / "qwen_image_layered_bf16.safetensors",
         "layered_vae": tmp_path / "api" / "vae" / "qwen_image_layered_vae.safetensors",
         **{f"lightning_lora_{model}": tmp_path / "api" / "loras" / name for model, name in LIGHTNING_LORAS.items()},
-        "diffusion_model_2_1": tmp_path / "api" / "diffusion_models" / "qwen_image_2_1_bf16.safetensors",
-        "turbo_diffusion_model_2_1": tmp_path / "api" / "diffusion_models" / "qwen_image_2_1_turbo_bf16.safetensors",
+        "eligen_lora": tmp_path / "api" / "loras" / "Qwen-Image-EliGen-Poster.safetensors",
+        "diffusion_model_2_1": tmp_path / "api" / "diffusion_models" / "qwen_image_2.1_bf16.safetensors",
+        "turbo_diffusion_model_2_1": tmp_path / "api" / "diffusion_models" / "qwen_image_2.1_turbo_bf16.safetensors",
         "vae_2_1": tmp_path / "api" / "vae" / "qwen_image_2.1_vae_bf16.safetensors",
-        "text_encoder_2_1": tmp_path / "api" / "text_encoders" / "qwen_3_vl_8b.safetensors",
+        "text_encoder_2_1": tmp_path / "api" / "text_encoders" / "qwen3vl_8b_bf16.safetensors",
+        # the same files under the names earlier templates used (workflows saved from them keep running)
+        **{f"{role}_earlier_name": tmp_path / "api" / earlier for role, earlier in (
+            ("diffusion_model_2_1", "diffusion_models/qwen_image_2_1_bf16.safetensors"),
+            ("turbo_diffusion_model_2_1", "diffusion_models/qwen_image_2_1_turbo_bf16.safetensors"),
+            ("text_encoder_2_1", "text_encoders/qwen_3_vl_8b.safetensors"))},
     }
+    for role in ("diffusion_model_2_1", "turbo_diffusion_model_2_1", "text_encoder_2_1"):
+        assert paths[f"{role}_earlier_name"].read_bytes() == paths[role].read_bytes()
     for role, path in paths.items():
         written = tmp_path / "cli" / path.relative_to(tmp_path / "api")
         assert written.read_bytes() == path.read_bytes() and str(written) in printed and role in printed

@@ -21,8 +21,8 @@ from test_t2i_host import read_latent, save_latent, set_inputs, small_t2i
 from tiny_models.qwen_image_2_1 import TINY_DIT_2_1
 from tiny_models.qwen_image_2_1_vae import TINY_VAE_2_1
 
-DIT = "qwen_image_2_1_bf16.safetensors"
-TEXT_ENCODER = "qwen_3_vl_8b.safetensors"
+DIT = "qwen_image_2.1_bf16.safetensors"
+TEXT_ENCODER = "qwen3vl_8b_bf16.safetensors"
 VAE = "qwen_image_2.1_vae_bf16.safetensors"
 ATOL = 1e-4
 CACHE_ATOL = 1e-6

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 import build_workflows
-from build_workflows import EXAMPLES, LOADER_FOLDERS, MODEL_URLS, STAGE, THUMBNAIL_SIZE, crossings, node_rect
+from build_workflows import (EXAMPLES, FRONTEND, LOADER_FOLDERS, MODEL_URLS, STAGE, THUMBNAIL_SIZE, crossings,
+                             node_rect)
 from host import PACK_NAME
+from tiny_models.factory import EARLIER_NAMES
 
 OLD_WORKFLOWS = Path(__file__).resolve().parent / "fixtures" / "workflows_v1"
 NAMES = sorted(path.name for path in EXAMPLES.glob("*.json"))
@@ -114,9 +116,45 @@ def _graph(workflow: dict) -> dict:
             "links": workflow["links"]}
 
 
+# Model files the examples name differently now (earlier 2.1 templates' names -> Comfy-Org's published ones).
+RENAMED = {Path(earlier).name: Path(name).name for earlier, name in EARLIER_NAMES.items()}
+
+
 @pytest.mark.parametrize("old", sorted(OLD_WORKFLOWS.glob("*.json")), ids=lambda path: path.stem)
 def test_each_old_workflow_is_an_example_with_the_same_graph(old):
-    assert _graph(_load(EXAMPLES / old.name)) == _graph(_load(old))
+    workflow = _load(old)
+    for node in workflow["nodes"]:  # the loaders' widgets and the note's table
+        for i, value in enumerate(node["widgets_values"]):
+            for earlier, name in RENAMED.items():
+                value = value.replace(earlier, name) if isinstance(value, str) else value
+            node["widgets_values"][i] = value
+    assert _graph(_load(EXAMPLES / old.name)) == _graph(workflow)
+
+
+def test_the_examples_name_the_published_2_1_files():
+    named = {value for name in NAMES for node in _load(EXAMPLES / name)["nodes"] for value in node["widgets_values"]}
+    assert set(RENAMED.values()) <= named and not set(RENAMED) & named
+    for published in RENAMED.values():  # the download link saves the file under the name the loader shows
+        assert MODEL_URLS[published].endswith("/" + published)
+
+
+def test_the_layout_knows_each_node_as_the_frontend_builds_it(host):
+    """build_workflows.FRONTEND (what the sizes and link ends follow): each node type's input sockets in order and
+    its widget count, as the frontend builds them from the host's definitions."""
+    info = host.object_info()
+    used = {node["type"] for name in NAMES for node in _load(EXAMPLES / name)["nodes"]} - {"MarkdownNote"}
+    assert used == set(FRONTEND)
+    for node_type, expected in FRONTEND.items():
+        sockets, widgets = [], 0
+        for section in ("required", "optional"):
+            for name, spec in info[node_type]["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                    # a seed's "control after generate" and an image upload button are widgets of their own
+                    widgets += 1 + bool(options.get("control_after_generate")) + bool(options.get("image_upload"))
+                else:
+                    sockets.append(name)
+        assert (tuple(sockets), widgets) == expected, node_type
 
 
 def test_the_host_lists_every_example_as_a_template(host):

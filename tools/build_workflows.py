@@ -10,8 +10,10 @@ template browser.  Tests convert the workflows back to API prompts with the host
 Layout: the frontend opens a template fitted to its window, so a workflow reads left to right in four stages (load,
 prompt, sample, decode and save), each a LiteGraph group holding columns of nodes, compact enough to stay readable at
 that zoom.  Chains stack under their source, nodes are ordered after their consumers, links that pass a column run
-along the top and whatever they would cross moves below them.  :func:`crossings` checks the result (the tests run it
-on the files).  The thumbnails need Pillow: the script re-runs itself in the cached environment (tools/env.py).
+along the top and whatever they would cross moves below them.  Nodes take the size the frontend gives them and links
+enter where it draws their sockets (:data:`FRONTEND`: every socket and widget of a node's definition, the image
+previews included), so nothing grows over a neighbour once loaded.  :func:`crossings` checks the result (the tests
+run it on the files; tests/test_browser.py checks it in the real frontend).  The thumbnails need Pillow: the script re-runs itself in the cached environment (tools/env.py).
 """
 
 from __future__ import annotations
@@ -75,11 +77,9 @@ MODEL_URLS = {
     "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors":
         HF + "lightx2v/Qwen-Image-Edit-2511-Lightning/resolve/main/"
              "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
-    # Comfy-Org publishes 2.1 under other file names (qwen_image_2.1_bf16, qwen3vl_8b_bf16): the frontend's
-    # download saves the file under the name the widget expects.
-    "qwen_image_2_1_bf16.safetensors": QWEN_IMAGE_2_1 + "diffusion_models/qwen_image_2.1_bf16.safetensors",
-    "qwen_image_2_1_turbo_bf16.safetensors": QWEN_IMAGE_2_1 + "diffusion_models/qwen_image_2.1_turbo_bf16.safetensors",
-    "qwen_3_vl_8b.safetensors": QWEN_IMAGE_2_1 + "text_encoders/qwen3vl_8b_bf16.safetensors",
+    "qwen_image_2.1_bf16.safetensors": QWEN_IMAGE_2_1 + "diffusion_models/qwen_image_2.1_bf16.safetensors",
+    "qwen_image_2.1_turbo_bf16.safetensors": QWEN_IMAGE_2_1 + "diffusion_models/qwen_image_2.1_turbo_bf16.safetensors",
+    "qwen3vl_8b_bf16.safetensors": QWEN_IMAGE_2_1 + "text_encoders/qwen3vl_8b_bf16.safetensors",
     "qwen_image_2.1_vae_bf16.safetensors": QWEN_IMAGE_2_1 + "vae/qwen_image_2.1_vae_bf16.safetensors",
 }
 # Node types whose first widget picks a model file, and the models/ folder it lists.
@@ -99,7 +99,7 @@ def model_properties(node: Node) -> dict:
 # -- layout --------------------------------------------------------------------------------------------------------
 TITLE_H, SLOT_H = 30, 20  # LiteGraph's NODE_TITLE_HEIGHT and NODE_SLOT_HEIGHT
 WIDGET_H, TEXT_BOX_H = 24, 96  # a widget row with its margin; a multiline prompt box
-COLUMN_GAP, STAGE_GAP, ROW_GAP, GROUP_PAD, GROUP_HEADER = 30, 70, 26, 16, 44
+COLUMN_GAP, STAGE_GAP, ROW_GAP, GROUP_PAD, GROUP_HEADER = 30, 70, 20, 16, 44
 LINK_CLEARANCE = 8  # how far above or below a node a link passes that does not connect to it
 STAGES = [("1  Load models and images", "#3f789e"), ("2  Prompt and conditioning", "#8A8"), ("3  Sample", "#88A"),
           ("4  Decode and save", "#b58b2a")]
@@ -117,24 +117,84 @@ WIDTH = {**dict.fromkeys(LOADER_FOLDERS, 320), "MarkdownNote": 320,
                           "QIP_EliGenEntity"], 340),
          "SaveImage": 260, "SamplerCustomAdvanced": 230}
 DEFAULT_WIDTH = 250
-TEXT_BOXES = {**dict.fromkeys(["QIP_TextEncode", "QIP_EditEncode", "QIP_LayeredEncode", "QIP_21Encode"], 2),
-              "QIP_EliGenEntity": 1}
-HEIGHT = {"LoadImage": 220, "SaveImage": 260}  # room for the image previews
+# Multiline prompt boxes: how many a node has, and how tall they are laid out (the frontend's least is 50 + 4 px;
+# an entity's short prompt gets that).
+TEXT_BOXES = {**dict.fromkeys(["QIP_TextEncode", "QIP_LayeredEncode", "QIP_21Encode"], (2, TEXT_BOX_H)),
+              "QIP_EditEncode": (2, 72), "QIP_EliGenEntity": (1, 54)}
+# What the frontend builds for a node from its definition (the host's /object_info), whatever the workflow lists: its
+# input sockets, every one in the definition's order, connected or not (a link enters at its socket's place), and
+# how many widgets it has (options the workflow leaves out, a seed's "control after generate" and Load Image's
+# upload button included).  tests/test_templates.py checks this table against the host.
+FRONTEND = {
+    "CFGGuider": (("model", "positive", "negative"), 1),
+    "KSamplerSelect": ((), 1),
+    "LoadImage": ((), 2),
+    "ModelSamplingAuraFlow": (("model",), 1),
+    "QIP_21DiffusionModelLoader": ((), 2),
+    "QIP_21EmptyLatent": ((), 3),
+    "QIP_21Encode": (("text_encoder", "vae", "image", "image2", "image3", "more_images"), 3),
+    "QIP_21PrefixCache": (("model",), 1),
+    "QIP_21Scheduler": (("latent",), 2),
+    "QIP_21TextEncoderLoader": ((), 2),
+    "QIP_21VAELoader": ((), 2),
+    "QIP_BlockwiseControlApply": (("model", "control", "vae", "image", "mask"), 1),
+    "QIP_BlockwiseControlLoader": ((), 2),
+    "QIP_ControlNetApply": (("positive", "negative", "control_net", "vae", "image", "mask"), 3),
+    "QIP_ControlNetLoader": ((), 2),
+    "QIP_ControlPreprocess": (("image",), 3),
+    "QIP_DiffusionModelLoader": ((), 4),
+    "QIP_EditEncode": (("text_encoder", "vae", "image", "image2", "image3", "more_images", "mask"), 7),
+    "QIP_EliGenApply": (("entities", "text_encoder", "positive", "negative"), 1),
+    "QIP_EliGenEntity": (("mask", "mask_image", "entities"), 2),
+    "QIP_EmptyLatent": ((), 4),
+    "QIP_LayeredDecode": (("vae", "samples"), 1),
+    "QIP_LayeredEncode": (("text_encoder", "vae", "image", "alpha_mask"), 4),
+    "QIP_LoraLoader": (("model", "text_encoder"), 3),
+    "QIP_RestoreSize": (("image", "original"), 0),
+    "QIP_Scheduler": (("model", "latent"), 4),
+    "QIP_TextEncode": (("text_encoder",), 2),
+    "QIP_TextEncoderLoader": ((), 2),
+    "QIP_TrueCFG": (("model",), 0),
+    "QIP_VAELoader": ((), 2),
+    "RandomNoise": ((), 2),
+    "SamplerCustomAdvanced": (("noise", "guider", "sampler", "sigmas", "latent_image"), 0),
+    "SaveImage": (("images",), 1),
+    "VAEDecode": (("samples", "vae"), 0),
+}
+# The image preview the frontend adds below the widgets once a node has an image (Load Image once its picture
+# loads, Save Image after a run): a widget of at least 220 px (useImagePreviewWidget's minHeight); the node grows to
+# hold it.
+PREVIEW_H = 220
+PREVIEWS = {"LoadImage", "SaveImage"}
 
 
 def _height(node: Node) -> int:
+    """The node's body height, at least what the frontend makes it, so that no node grows over its neighbour there:
+    LGraphNode.computeSize (a row per socket or output, each widget with its 4 px gap, 8 px below the widgets, a
+    6 px margin; the prompt boxes laid out taller than their least), and for an image preview LGraphNode.arrange
+    (the slots, 6 px, the widgets, the preview's 220 px)."""
     if node.type == "MarkdownNote":  # the rendered note: ~44 characters a line at this width, scrolls beyond
         lines = sum(1 + len(line) // 44 for line in node.widgets[0].splitlines())
         return min(560, 20 * lines)
-    if node.type in HEIGHT:
-        return HEIGHT[node.type]
-    boxes = TEXT_BOXES.get(node.type, 0)
-    rows = max(len(node.inputs), len(node.outputs))
-    return SLOT_H * rows + WIDGET_H * (len(node.widgets) - boxes) + TEXT_BOX_H * boxes + 8
+    sockets, widgets = FRONTEND[node.type]
+    boxes, box_h = TEXT_BOXES.get(node.type, (0, 0))
+    rows = max(len(sockets), len(node.outputs), 1)
+    if node.type in PREVIEWS:  # the preview's room below the slots and widgets (LGraphNode.arrange)
+        return SLOT_H * rows + 6 + WIDGET_H * widgets + PREVIEW_H
+    body = WIDGET_H * (widgets - boxes) + box_h * boxes
+    return SLOT_H * rows + (body + 8 if body else 0) + 6
+
+
+def drawn_slot(node: dict, slot: int) -> int:
+    """Where among its sockets the frontend draws input ``slot`` of a workflow's node (its place in the node type's
+    sockets, see :data:`FRONTEND`); the layout's own boxes (no ``inputs``) already count that way."""
+    if "inputs" not in node:
+        return slot
+    return FRONTEND[node["type"]][0].index(node["inputs"][slot]["name"])
 
 
 def input_position(node: dict, slot: int) -> tuple[float, float]:
-    """Where LiteGraph draws an input slot (left edge) and an output slot (right edge)."""
+    """Where LiteGraph draws an input slot (left edge) and an output slot (right edge), by their drawn place."""
     return node["pos"][0], node["pos"][1] + (slot + 0.7) * SLOT_H
 
 
@@ -167,11 +227,12 @@ def _crosses(p, q, rect, clearance: float = 0.0) -> bool:
 
 
 def link_segments(workflow: dict):
-    """(link id, source id, target id, start, end) for every link, straight from output slot to input slot."""
+    """(link id, source id, target id, start, end) for every link, straight from output slot to input slot (where
+    the frontend draws them)."""
     nodes = {node["id"]: node for node in workflow["nodes"]}
     for link_id, source, slot, target, target_slot, _ in workflow["links"]:
         yield (link_id, source, target, output_position(nodes[source], slot),
-               input_position(nodes[target], target_slot))
+               input_position(nodes[target], drawn_slot(nodes[target], target_slot)))
 
 
 def crossings(workflow: dict, clearance: float = 0.0) -> list[tuple[int, int]]:
@@ -185,7 +246,7 @@ def _columns(nodes: list[Node], links: list) -> list[list[list[Node]]]:
     """Columns of blocks, left to right.  A block is a chain stacked top-down: a node joins the block of its only
     same-stage producer when it is that producer's only same-stage consumer.  A block's column in its stage is one
     past its same-stage producers'; the note has the first column to itself, so every link leaving the load stage
-    starts in one column, next to the prompt stage."""
+    starts in one column, next to the prompt stage (but with several images, see below)."""
     by_id = {node.id: node for node in nodes}
     producers = {node.id: set() for node in nodes}
     consumers = {node.id: set() for node in nodes}
@@ -203,11 +264,15 @@ def _columns(nodes: list[Node], links: list) -> list[list[list[Node]]]:
         else:
             block_of[node.id] = [node]
             blocks.append(block_of[node.id])
+    # Several images (each as tall as its preview) and the loaders overflow one column: the images stay in the first,
+    # under the VAE loader (its link to the decoder runs along the top), the other loaders move one column right.
+    several = sum(node.type == "LoadImage" for node in nodes) > 1
+    moved = {node.id for node in nodes if several and LOADER_FOLDERS.get(node.type, "vae") != "vae"}
     column: dict[int, int] = {}
     for block in blocks:
         upstream = {source for node in block for source in producers[node.id]} - {node.id for node in block}
         column[id(block)] = max([column[id(block_of[source])] + 1 for source in upstream],
-                                default=-int(block[0].type == "MarkdownNote"))
+                                default=-int(block[0].type == "MarkdownNote") + int(block[0].id in moved))
     keys = sorted({(STAGE[block[0].type], column[id(block)]) for block in blocks})
     return [[block for block in blocks if (STAGE[block[0].type], column[id(block)]) == key] for key in keys]
 
@@ -307,7 +372,10 @@ def build(nodes: list[Node], note: str) -> dict:
     for node in nodes:
         for target_slot, (source, slot, kind) in enumerate(node.inputs.values()):
             links.append([len(links) + 1, source, slot, node.id, target_slot, kind])
-    boxes = layout(nodes, links)
+    # The layout places the links as the frontend draws them: each entering at its socket's place (drawn_slot).
+    by_id = {node.id: node for node in nodes}
+    boxes = layout(nodes, [[*link[:4], FRONTEND[by_id[link[3]].type][0].index(list(by_id[link[3]].inputs)[link[4]]),
+                            link[5]] for link in links])
     ui_nodes = []
     for order, node in enumerate(nodes):
         entry = {
@@ -717,7 +785,7 @@ QWEN_2_1_FILES = """\
 | file | folder |
 |---|---|
 | `{model}` (or its fp8 / GGUF file) | `diffusion_models/` |
-| `qwen_3_vl_8b.safetensors` (Qwen3-VL-8B; or its scaled fp8 file) | `text_encoders/` |
+| `qwen3vl_8b_bf16.safetensors` (Qwen3-VL-8B; or its scaled fp8 file) | `text_encoders/` |
 | `qwen_image_2.1_vae_bf16.safetensors` | `vae/` |
 
 Licence: Qwen-Image 2.1's weights are under the Qwen Research License, not Apache 2.0: read it before you use them.
@@ -748,7 +816,7 @@ def loaders_2_1(model: str) -> list[Node]:
     """Nodes 1-3: the Qwen-Image 2.1 loaders."""
     return [
         Node(1, "QIP_21DiffusionModelLoader", [model, "auto"], outputs=[("MODEL", "MODEL")]),
-        Node(2, "QIP_21TextEncoderLoader", ["qwen_3_vl_8b.safetensors", "auto"],
+        Node(2, "QIP_21TextEncoderLoader", ["qwen3vl_8b_bf16.safetensors", "auto"],
              outputs=[(QWEN_2_1_ENCODER[2],) * 2]),
         Node(3, "QIP_21VAELoader", ["qwen_image_2.1_vae_bf16.safetensors", "auto"], outputs=[("VAE", "VAE")]),
     ]
@@ -777,7 +845,7 @@ def text_to_image_2_1(model: str, steps: int, title: str, settings: str) -> dict
 
 def edit_2_1(images: int) -> dict:
     """Qwen-Image 2.1 conditioned on ``images`` images, with the prefix cache node."""
-    model = "qwen_image_2_1_bf16.safetensors"
+    model = "qwen_image_2.1_bf16.safetensors"
     return build([
         *loaders_2_1(model),
         *load_images([f"qwen_edit_input_{i + 1}.png" for i in range(images)]),
@@ -878,10 +946,10 @@ def workflows() -> dict[str, dict]:
             LIGHTNING_LORAS["qwen_image_2512"]),
         "qwen_image_edit_lightning.json": edit(1, lightning_lora=LIGHTNING_LORAS["edit_2511"]),
         "qwen_image_eligen_poster.json": eligen_poster(),
-        "qwen_image_2_1_t2i.json": text_to_image_2_1("qwen_image_2_1_bf16.safetensors", 40, "text-to-image",
+        "qwen_image_2_1_t2i.json": text_to_image_2_1("qwen_image_2.1_bf16.safetensors", 40, "text-to-image",
                                                      QWEN_2_1_SETTINGS),
         "qwen_image_2_1_edit_3_images.json": edit_2_1(3),
-        "qwen_image_2_1_turbo_t2i.json": text_to_image_2_1("qwen_image_2_1_turbo_bf16.safetensors", 8,
+        "qwen_image_2_1_turbo_t2i.json": text_to_image_2_1("qwen_image_2.1_turbo_bf16.safetensors", 8,
                                                            "Turbo text-to-image in 8 steps", QWEN_2_1_TURBO_SETTINGS),
     }
 

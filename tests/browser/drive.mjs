@@ -96,6 +96,20 @@ const STEPS = {
         const missing = workflow.nodes.filter((n) => !(n.type in registered)).map((n) => n.type);
         await window.app.loadGraphData(workflow, true, true, name, { showMissingModelsDialog: false });
         const nodes = window.app.graph.nodes;
+        // Load Image shows its picture: the frontend adds the preview widget once the image is decoded, and the
+        // node grows to hold it when next drawn.  Wait for that (15 s at most), then two more frames.
+        const nextFrame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
+        const images = nodes.filter((n) => n.type === "LoadImage");
+        const previewed = (n) => n.imgs?.length && n.imgs.every((img) => img.complete && img.naturalWidth)
+          && n.widgets?.some((w) => w.name === "$$canvas-image-preview");
+        for (const until = Date.now() + 15_000; Date.now() < until && !images.every(previewed);) {
+          window.app.canvas.setDirty(true, true);
+          await nextFrame();
+        }
+        for (let i = 0; i < 2; i++) {
+          window.app.canvas.setDirty(true, true);
+          await nextFrame();
+        }
         return {
           expected: workflow.nodes.length,
           missing,
@@ -103,6 +117,17 @@ const STEPS = {
           // a node the frontend could not build keeps no widgets though its definition has some
           broken: nodes.filter((n) => n.has_errors).map((n) => `${n.id}:${n.type}`),
           dialogs: window.qipTest.dialogs(),
+          // where each node sits once drawn (pos: the body's top left; the title bar is above it), its input
+          // sockets (widget inputs aside) and its preview's images; each link's two ends as the canvas draws them
+          layout: nodes.map((n) => ({ id: n.id, type: n.type, pos: Array.from(n.pos), size: Array.from(n.size),
+                                      previews: n.imgs?.length ?? 0,
+                                      sockets: n.inputs.filter((i) => !i.widget).map((i) => i.name) })),
+          links: [...window.app.graph.links.values()].map((link) => ({
+            id: link.id, origin: link.origin_id, target: link.target_id,
+            start: Array.from(window.app.graph.getNodeById(link.origin_id).getOutputPos(link.origin_slot)),
+            end: Array.from(window.app.graph.getNodeById(link.target_id).getInputPos(link.target_slot)),
+          })),
+          title_height: window.LiteGraph.NODE_TITLE_HEIGHT,
         };
       }, { pack: job.pack, name });
       await frame(page);

@@ -33,7 +33,7 @@ from models.qwen_image.vae_keys import diffusers_to_wan
 from .configs import (TINY_BLOCKWISE, TINY_CONTROLNET, TINY_CONTROLNET_INPAINT, TINY_DIT, TINY_RGBA_VAE, TINY_TEXT,
                       TINY_VAE, TINY_VISION)
 
-__all__ = ["make_dit", "make_vae", "make_text_encoder", "make_lora", "make_all", "make_controlnet",
+__all__ = ["EARLIER_NAMES", "make_dit", "make_vae", "make_text_encoder", "make_lora", "make_all", "make_controlnet",
            "make_controlnet_gguf", "make_blockwise_control", "DIT_PREFIX", "LORA_TARGETS"]
 
 DIT_PREFIX = "model.diffusion_model."
@@ -652,6 +652,26 @@ def _renamed(path: Path, target: Path) -> Path:
     return target
 
 
+# Names earlier templates used for Qwen-Image 2.1's files, before they took Comfy-Org's own: make_all links each to
+# the file it names now, so workflows saved from those templates (tests/fixtures/workflows_v1/) still find it.
+EARLIER_NAMES = {
+    "diffusion_models/qwen_image_2_1_bf16.safetensors": "diffusion_models/qwen_image_2.1_bf16.safetensors",
+    "diffusion_models/qwen_image_2_1_turbo_bf16.safetensors":
+        "diffusion_models/qwen_image_2.1_turbo_bf16.safetensors",
+    "text_encoders/qwen_3_vl_8b.safetensors": "text_encoders/qwen3vl_8b_bf16.safetensors",
+}
+
+
+def _linked(path: Path, target: Path) -> Path:
+    """``target`` as a hard link to the written file ``path`` (a copy where the file system has no hard links)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(path, target)
+    except OSError:
+        shutil.copyfile(path, target)
+    return target
+
+
 def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """The common set for demos, in ComfyUI's model folders under ``out_dir``: ``diffusion_models/
     qwen_image_bf16.safetensors``, ``qwen_image_2512_bf16.safetensors`` (the same architecture under its release's
@@ -660,8 +680,9 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
     ``text_encoders/qwen_2.5_vl_7b.safetensors``, ``loras/qwen_image_tiny_lora_diffusers.safetensors`` and the
     Lightning LoRAs under their released names (:data:`tiny_models.loras.LIGHTNING_LORAS`) and an EliGen LoRA, the
     InstantX ControlNet-Union and Inpainting in ``controlnet/``, a DiffSynth canny patch in ``model_patches/``, Qwen-Image
-    2.1's ``diffusion_models/qwen_image_2_1_bf16.safetensors`` and ``qwen_image_2_1_turbo_bf16.safetensors`` (other
-    weights), ``vae/qwen_image_2.1_vae_bf16.safetensors`` and ``text_encoders/qwen_3_vl_8b.safetensors``; with
+    2.1's ``diffusion_models/qwen_image_2.1_bf16.safetensors`` and ``qwen_image_2.1_turbo_bf16.safetensors`` (other
+    weights), ``vae/qwen_image_2.1_vae_bf16.safetensors`` and ``text_encoders/qwen3vl_8b_bf16.safetensors`` (each
+    2.1 file also under the name earlier templates used, :data:`EARLIER_NAMES`: roles ``..._earlier_name``); with
     ``tokenizer_dir`` (GGUF text encoders carry their tokenizer) also ``diffusion_models/qwen-image-Q8_0.gguf``
     and ``text_encoders/Qwen2.5-VL-7B-Instruct-Q8_0.gguf`` with its mmproj file."""
     out_dir = Path(out_dir)
@@ -691,10 +712,13 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.
     written.update(
         diffusion_model_2_1=make_dit_2_1(out_dir / "diffusion_models", seed=seed),
         turbo_diffusion_model_2_1=_renamed(make_dit_2_1(out_dir / "2.1_turbo", seed=seed + 1),
-                                           out_dir / "diffusion_models" / "qwen_image_2_1_turbo_bf16.safetensors"),
+                                           out_dir / "diffusion_models" / "qwen_image_2.1_turbo_bf16.safetensors"),
         vae_2_1=make_vae_2_1(out_dir / "vae", layout="comfy", seed=seed),
         text_encoder_2_1=make_qwen3vl(out_dir / "text_encoders", seed=seed),
     )
+    current = {path.relative_to(out_dir).as_posix(): role for role, path in written.items()}
+    written.update({f"{current[name]}_earlier_name": _linked(out_dir / name, out_dir / earlier)
+                    for earlier, name in EARLIER_NAMES.items()})
     if tokenizer_dir is not None:
         from .gguf_factory import make_dit_gguf, make_text_encoder_gguf  # it builds on this module
 

@@ -4,9 +4,10 @@ The real topology (q/k-normed GQA decoder, interleaved M-RoPE, vision tower with
 DeepStack mergers, the 151936-token vocabulary so the real tokenizer works) with small widths; weights drawn as in
 :mod:`tiny_models.factory` (same seed -> same values in every layout).
 
-* ``comfy``: one ``.safetensors`` with Comfy-style names (``model.layers.N...``, ``model.embed_tokens``,
-  ``model.norm``, ``lm_head``, ``visual.*``), as Comfy-Org repackages Qwen-VL encoders; bf16 / fp32 /
-  ``fp8_e4m3fn_scaled`` (the decoder's and vision tower's Linear weights in fp8 with ``scale_weight``).
+* ``comfy``: ``out_dir/qwen3vl_8b_{bf16,fp32,fp8_scaled}.safetensors`` (Comfy-Org's naming), one file with
+  Comfy-style names (``model.layers.N...``, ``model.embed_tokens``, ``model.norm``, ``lm_head``, ``visual.*``), as
+  Comfy-Org repackages Qwen-VL encoders; bf16 / fp32 / ``fp8_e4m3fn_scaled`` (the decoder's and vision tower's Linear
+  weights in fp8 with ``scale_weight``).
 * ``hf``: ``out_dir/qwen_image_2_1_{dtype}_hf/text_encoder`` like a Qwen-Image 2.1 diffusers folder: transformers-5
   names (``model.language_model.*``, ``model.visual.*``, ``lm_head``), ``config.json``, 2 shards and the index;
   with ``tokenizer_dir`` its files are copied to the sibling ``processor/`` folder.
@@ -152,8 +153,8 @@ def make_qwen3vl(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: st
     if layout == "comfy":
         if dtype not in _DTYPES:
             raise ValueError(f"text encoder dtype must be one of {_DTYPES}, got {dtype!r}.")
-        suffix = {"bf16": "", "fp32": "_fp32", _SCALED_FP8: "_fp8_scaled"}[dtype]
-        path = out_dir / f"qwen_3_vl_8b{suffix}.safetensors"
+        suffix = {_SCALED_FP8: "fp8_scaled"}.get(dtype, dtype)
+        path = out_dir / f"qwen3vl_8b_{suffix}.safetensors"  # Comfy-Org's naming (qwen3vl_8b_bf16.safetensors)
         _write_safetensors(_convert(weights, dtype, quantize), path)
         return path
     if layout != "hf":

@@ -82,9 +82,10 @@ def make_dit_2_1(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: st
                  seed: int = 0, config: dict | None = None) -> Path:
     """Write a tiny Qwen-Image 2.1 DiT; returns the file (``"comfy"``, ``"gguf"``) or folder (``"diffusers"``).
 
-    * ``comfy``: ``out_dir/qwen_image_2_1_{dtype}[_prefixed].safetensors``, optionally every name prefixed
-      ``model.diffusion_model.``; dtypes ``bf16 fp16 fp32 fp8_e4m3fn fp8_e5m2 fp8_e4m3fn_scaled`` (fp8: the
-      Linear weights in fp8, norms in bf16; scaled adds ``scale_weight`` / ``scale_input`` and ``scaled_fp8``).
+    * ``comfy``: ``out_dir/qwen_image_2.1_{dtype}[_prefixed].safetensors`` (Comfy-Org's naming), optionally every
+      name prefixed ``model.diffusion_model.``; dtypes ``bf16 fp16 fp32 fp8_e4m3fn fp8_e5m2 fp8_e4m3fn_scaled``
+      (fp8: the Linear weights in fp8, norms in bf16; scaled adds ``scale_weight`` / ``scale_input`` and
+      ``scaled_fp8``).
     * ``diffusers``: ``out_dir/qwen_image_2_1_{dtype}_diffusers/transformer``: ``config.json`` + 3 shards + index
       (bf16 / fp16 / fp32).
     * ``gguf``: ``out_dir/qwen-image-2.1-{dtype}.gguf`` with ``dtype`` a ggml type name (Q8_0, Q4_0, F16 ...)
@@ -106,7 +107,7 @@ def make_dit_2_1(out_dir: str | os.PathLike, *, layout: str = "comfy", dtype: st
         tensors = _convert(weights, dtype, quantize)
         if prefix:
             tensors = {DIT_PREFIX + name: t for name, t in tensors.items()}
-        path = out_dir / f"qwen_image_2_1_{dtype}{'_prefixed' if prefix else ''}.safetensors"
+        path = out_dir / f"qwen_image_2.1_{dtype}{'_prefixed' if prefix else ''}.safetensors"
         _write_safetensors(tensors, path)
         return path
     if layout != "diffusers":
