@@ -5,26 +5,18 @@ it imports the host, hence a process).
 Usage: python gguf_host_probe.py COMFYUI_DIR REPO_ROOT DIFFUSION_MODELS_DIR MODEL_NAME OUT_FILE
 """
 
-import importlib.util
 import sys
 
 import torch
 
+from host_process import load_pack, start_host
+
 
 def main() -> None:
     comfy_dir, repo, models_dir, model_name, out_file = sys.argv[1:6]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import folder_paths
-
+    folder_paths = start_host(comfy_dir)
     folder_paths.add_model_folder_path("diffusion_models", models_dir)
-    spec = importlib.util.spec_from_file_location("qip", repo + "/__init__.py", submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["qip"] = pack
-    spec.loader.exec_module(pack)
+    load_pack(repo)
     from qip.models.io.gguf.layers import ONE_VECTOR_LAYERS, QuantizedTensor
     from qip.nodes.loaders import DiffusionModelLoader
 

@@ -4,28 +4,21 @@ compare the outputs (subprocess helper for tests/test_host_lowvram.py; it import
 Usage: python host_lowvram_probe.py COMFYUI_DIR REPO_ROOT DIT_FILE LORA_FILE OUT_FILE
 """
 
-import importlib.util
 import sys
 
 import torch
 
+from host_process import load_pack, start_host
+
 
 def main() -> None:
     comfy_dir, repo, dit_file, lora_file, out_file = sys.argv[1:6]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import folder_paths  # noqa: F401  (the pack checks that it runs inside a host)
+    start_host(comfy_dir)
     import comfy.lora
     import comfy.ops
     import comfy.utils
 
-    spec = importlib.util.spec_from_file_location("qip", repo + "/__init__.py", submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["qip"] = pack
-    spec.loader.exec_module(pack)
+    load_pack(repo)
     from qip.models import load_diffusion_model
     from qip.nodes.host.model import HostQwenImageDiT, wrap_diffusion_model
     from qip.nodes.host.ops import HostGGUFOps

@@ -7,10 +7,11 @@ DIFFUSION_MODELS_DIR holds the files named in FILES and TEXT_ENCODER; OUT_FILE (
 what pick_operations was asked, and the DiT's output (``apply_model`` on a fixed latent).
 """
 
-import importlib.util
 import sys
 
 import torch
+
+from host_process import load_pack, start_host
 
 FILES = {"bf16": "qwen_image_bf16.safetensors", "fp8": "qwen_image_fp8_e4m3fn.safetensors",
          "scaled": "qwen_image_fp8_e4m3fn_scaled.safetensors", "comfy_quant": "qwen_image_fp8mixed.safetensors",
@@ -21,20 +22,12 @@ TEXT_ENCODER = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 
 def main() -> None:
     comfy_dir, repo, models_dir, out_file = sys.argv[1:5]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import folder_paths
+    folder_paths = start_host(comfy_dir)
     import comfy.ops
     from comfy.quant_ops import QuantizedTensor
 
     folder_paths.add_model_folder_path("diffusion_models", models_dir)
-    spec = importlib.util.spec_from_file_location("qip", repo + "/__init__.py", submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["qip"] = pack
-    spec.loader.exec_module(pack)
+    load_pack(repo)
     from qip.nodes.host.ops import host_ops
     from qip.nodes.loaders import DiffusionModelLoader
 

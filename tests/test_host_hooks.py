@@ -174,17 +174,13 @@ def test_the_2_1_model_runs_under_the_host_wrappers(host, tmp_path):
 
 
 MASK_PROBE = r"""
-import importlib.util, sys
-comfy_dir, repo = sys.argv[1:3]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_dir)
-import comfy.options
-comfy.options.enable_args_parsing()
+import sys
+comfy_dir, repo, tests = sys.argv[1:4]
+sys.path.insert(0, tests)
+from host_process import load_pack, start_host
+start_host(comfy_dir)
+load_pack(repo)
 import comfy.ldm.modules.attention as host
-spec = importlib.util.spec_from_file_location("qip", repo + "/__init__.py", submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["qip"] = pack
-spec.loader.exec_module(pack)
 from qip.nodes.host.attention import masked_backend
 assert masked_backend(host.attention_sage) is host.attention_pytorch
 others = [host.attention_pytorch, host.attention_sub_quad, host.attention_split, host.attention_basic,
@@ -197,6 +193,7 @@ print("masked calls routed")
 def test_masked_calls_avoid_backends_that_may_drop_masks():
     # --use-sage-attention makes SageAttention the host's masked attention too; some of its releases accept
     # attn_mask and ignore it, which would let padded prompt tokens and EliGen entities act everywhere.
-    done = subprocess.run([sys.executable, "-c", MASK_PROBE, str(comfyui_path()), str(Path(__file__).parent.parent)],
+    tests = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", MASK_PROBE, str(comfyui_path()), str(tests.parent), str(tests)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "masked calls routed" in done.stdout, done.stderr[-3000:]

@@ -198,22 +198,15 @@ def _rules() -> dict[str, float]:
 
 # -- run as a script: the probe inside the host's folder -----------------------------------------------------------
 def _probe(comfy_dir: str, repo: str, spec_file: str, out_file: str) -> None:
-    import importlib.util
+    from host_process import load_pack, start_host
 
-    sys.argv = ["main.py", "--cpu"]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import folder_paths
+    folder_paths = start_host(comfy_dir)
 
     spec = json.loads(Path(spec_file).read_text())
     for folder in ("diffusion_models", "loras"):
         folder_paths.add_model_folder_path(folder, spec[{"diffusion_models": "models"}.get(folder, folder)],
                                            is_default=True)
-    package = importlib.util.spec_from_file_location("qip", repo + "/__init__.py", submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(package)
-    sys.modules["qip"] = pack
-    package.loader.exec_module(pack)
+    load_pack(repo)
     sys.path += [repo + "/tools", repo]  # after the host's folder: its `nodes` module, not our package
     import comfy.model_management
     import nodes as core_nodes

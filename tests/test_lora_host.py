@@ -347,20 +347,13 @@ def test_a_flux_lora_leaves_sampling_unchanged_and_says_so(host, probe):
 
 # -- run as a script: the probe inside the host's folder -----------------------------------------------------------
 def _probe(comfy_dir: str, repo: str, models_dir: str, spec_file: str, out_file: str) -> None:
-    import importlib.util
+    from host_process import load_pack, start_host
 
-    sys.argv = ["main.py", "--cpu"]  # host modules read the command line the harness starts the host with
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import folder_paths
+    folder_paths = start_host(comfy_dir)
 
     for folder in ("diffusion_models", "text_encoders", "loras"):
         folder_paths.add_model_folder_path(folder, os.path.join(models_dir, folder), is_default=True)
-    spec = importlib.util.spec_from_file_location("qip", repo + "/__init__.py", submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["qip"] = pack
-    spec.loader.exec_module(pack)
+    load_pack(repo)
     import nodes as core_nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
     from qip.nodes.loaders import DiffusionModelLoader, TextEncoderLoader
