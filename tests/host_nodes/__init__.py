@@ -35,23 +35,30 @@ class ImageShape:
 NODE_CLASS_MAPPINGS = {"QIPTest_ImageShape": ImageShape}
 
 
+class ModelPatch:
+    """A probe that patches a MODEL: ``INPUTS`` are its inputs after ``model``; ``patch(model, ...)`` returns it."""
+
+    CATEGORY = "testing"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    INPUTS: dict = {}
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"model": ("MODEL",), **cls.INPUTS}}
+
+
 def _append(path: str, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
-class RecordDiT:
+class RecordDiT(ModelPatch):
     """Counts the calls that reach the diffusion model (a DIFFUSION_MODEL wrapper: placed after a cache node it
     sees only the calls the cache lets through) and saves the first call's inputs and output to ``path`` +
     ``.safetensors``, one JSON line per call to ``path``."""
 
-    CATEGORY = "testing"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": ""})}}
+    INPUTS = {"path": ("STRING", {"default": ""})}
 
     def patch(self, model, path: str):
         model = model.clone()
@@ -72,18 +79,12 @@ class RecordDiT:
         return (model,)
 
 
-class AttentionOverride:
+class AttentionOverride(ModelPatch):
     """Installs ``optimized_attention_override``: one JSON line per attention call (its block index and query
     shape); the call's result is the host function's, or plain SDPA on the same tensors."""
 
-    CATEGORY = "testing"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": ""}),
-                             "sdpa": ("BOOLEAN", {"default": False})}}
+    INPUTS = {"path": ("STRING", {"default": ""}),
+              "sdpa": ("BOOLEAN", {"default": False})}
 
     def patch(self, model, path: str, sdpa: bool):
         model = model.clone()
@@ -101,18 +102,12 @@ class AttentionOverride:
         return (model,)
 
 
-class ReplaceBlock:
+class ReplaceBlock(ModelPatch):
     """``patches_replace["dit"][("double_block", index)]``: "skip" returns the block's inputs unchanged,
     "original" runs the original block (and then reads its inputs again, which must be unchanged)."""
 
-    CATEGORY = "testing"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL",), "index": ("INT", {"default": 0, "min": 0}),
-                             "mode": (["skip", "original"],)}}
+    INPUTS = {"index": ("INT", {"default": 0, "min": 0}),
+              "mode": (["skip", "original"],)}
 
     def patch(self, model, index: int, mode: str):
         model = model.clone()
@@ -129,18 +124,12 @@ class ReplaceBlock:
         return (model,)
 
 
-class AfterBlock:
+class AfterBlock(ModelPatch):
     """``patches["double_block"]``: adds ``value * ramp`` (a ramp over the channels: a constant would vanish in
     the next LayerNorm) to the image tokens after block ``index``."""
 
-    CATEGORY = "testing"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL",), "index": ("INT", {"default": 0, "min": 0}),
-                             "value": ("FLOAT", {"default": 0.5, "min": -10, "max": 10})}}
+    INPUTS = {"index": ("INT", {"default": 0, "min": 0}),
+              "value": ("FLOAT", {"default": 0.5, "min": -10, "max": 10})}
 
     def patch(self, model, index: int, value: float):
         model = model.clone()
@@ -191,19 +180,13 @@ class CoreQwenImage:
 NODE_CLASS_MAPPINGS["QIPTest_CoreQwenImage"] = CoreQwenImage
 
 
-class AttentionMaps:
+class AttentionMaps(ModelPatch):
     """Installs ``optimized_attention_override`` saving the attention probabilities (softmax of the scaled scores
     plus the mask the model passed, averaged over heads, batch item 0) of the first ``calls`` attention calls of
     block 0 to ``path`` + ``_<n>.safetensors``; every call's result is the host function's."""
 
-    CATEGORY = "testing"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": ""}),
-                             "calls": ("INT", {"default": 2, "min": 1})}}
+    INPUTS = {"path": ("STRING", {"default": ""}),
+              "calls": ("INT", {"default": 2, "min": 1})}
 
     def patch(self, model, path: str, calls: int):
         model = model.clone()
