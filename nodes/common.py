@@ -100,6 +100,14 @@ def weight_dtype_input() -> io.Combo.Input:
                           tooltip=WEIGHT_DTYPE_TOOLTIP)
 
 
+def dequant_cache_input() -> io.Boolean.Input:
+    """The diffusion-model loaders' switch of the GGUF dequant-once cache (nodes/host/ops.set_gguf_dequant_cache)."""
+    return io.Boolean.Input("dequant_cache", default=True, optional=True, tooltip=(
+        "GGUF only: keep the weights used for one vector per step (the modulations and the timestep layers) "
+        "dequantized after the first step, at most 1 GiB in bf16 (2 GiB in fp32): faster steps, counted in the "
+        "memory ComfyUI plans for. Turn off for the tightest memory."))
+
+
 def loader_inputs(name: str, choices: list[str], tooltip: str) -> list[io.Input]:
     """A loader's file choice (``choices`` from the host's model folder) and its weight_dtype."""
     return [io.Combo.Input(name, options=choices, tooltip=tooltip), weight_dtype_input()]

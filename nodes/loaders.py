@@ -13,7 +13,8 @@ import comfy.model_management as mm
 import comfy.ops
 
 from ..models import FLOAT8_DTYPES, load_diffusion_model, load_text_encoder, load_vae
-from .common import LOADERS, Node, TextEncoder, badge_ui, io, loader_inputs, mappings, output, schema
+from .common import (LOADERS, Node, TextEncoder, badge_ui, dequant_cache_input, io, loader_inputs, mappings, output,
+                     schema)
 from .host.components import HostTextEncoder, HostVAE, host_tokenizer_dir
 from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, list_models
 from .host.model import HostQwenImageDiT, wrap_diffusion_model
@@ -39,11 +40,7 @@ class DiffusionModelLoader(Node):
                 io.Combo.Input("edit_2511", options=list(ZERO_COND), tooltip=(
                     "Edit-2511 modulates the reference images with t = 0 (zero_cond_t). Detected from the file "
                     "(Comfy-Org marker or diffusers config); force it for files that lack the marker.")),
-                io.Boolean.Input("dequant_cache", default=True, optional=True, tooltip=(
-                    "GGUF only: keep the weights used for one vector per step (the modulations, a third of the "
-                    "model, and the timestep layers) dequantized after the first step, at most 1 GiB in bf16 (2 GiB "
-                    "in fp32): faster steps, counted in the memory ComfyUI plans for. Turn off for the tightest "
-                    "memory.")),
+                dequant_cache_input(),
             ],
             outputs=[output(io.Model, None, "The Qwen-Image DiT, managed by ComfyUI like its own models.")])
 

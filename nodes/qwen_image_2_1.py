@@ -19,14 +19,14 @@ import comfy.ops
 
 from ..models import (FLOAT8_DTYPES, QWEN_IMAGE_2_1_LATENT, flow_sigmas, load_diffusion_model_2_1,
                       load_text_encoder_2_1, load_vae_2_1, policy_size, resize_images)
-from .common import (QWEN_IMAGE_2_1, ImageList, Node, badge_ui, denoise_input, io, loader_inputs, mappings, output,
-                     prompt_input, schema)
+from .common import (QWEN_IMAGE_2_1, ImageList, Node, badge_ui, denoise_input, dequant_cache_input, io, loader_inputs,
+                     mappings, output, prompt_input, schema)
 from .host.components import host_tokenizer_dir
 from .host.files import SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS, chosen_file, list_models
 from .host.model_2_1 import (CACHE_OFF, CACHE_OFFLOADED, CACHE_ON_DEVICE, IMAGE_SLOTS_KEY, PREFIX_CACHE_OPTION,
                              REFERENCE_RESOLUTION, HostQwenImage21DiT, HostTextEncoder21, HostVAE21, latent_tokens,
                              reference_shift, wrap_diffusion_model_2_1)
-from .host.ops import compute_dtype, host_ops
+from .host.ops import compute_dtype, host_ops, set_gguf_dequant_cache
 
 logger = logging.getLogger("qwen_image")
 
@@ -53,20 +53,22 @@ class DiffusionModelLoader21(Node):
             "Loads a Qwen-Image 2.1 (or 2.1 Turbo) diffusion model: Comfy-Org single files (bf16, fp16, fp8, scaled "
             "fp8), diffusers transformer folders, or GGUF. Qwen-Image 1.x files belong in Load Qwen-Image Diffusion "
             "Model.",
-            inputs=loader_inputs("model_name", list_models("diffusion_models", "transformer", WEIGHT_EXTENSIONS),
-                                 "A Qwen-Image 2.1 file or diffusers folder in models/diffusion_models (or "
-                                 "models/unet)."),
+            inputs=[*loader_inputs("model_name", list_models("diffusion_models", "transformer", WEIGHT_EXTENSIONS),
+                                   "A Qwen-Image 2.1 file or diffusers folder in models/diffusion_models (or "
+                                   "models/unet)."),
+                    dequant_cache_input()],
             outputs=[output(io.Model, None, "The Qwen-Image 2.1 DiT (or 2.1 Turbo), managed by ComfyUI like its own "
                                             "models.")])
 
     @classmethod
-    def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
+    def execute(cls, model_name: str, weight_dtype: str, dequant_cache: bool = True) -> io.NodeOutput:
         compute = compute_dtype(weight_dtype, mm.get_torch_device())
         with chosen_file("diffusion_models", "model_name", model_name) as path:
             ops, stored = host_ops(path, compute)
             dit = load_diffusion_model_2_1(path, dtype=compute, device=mm.unet_offload_device(), ops=ops,
                                            model_class=HostQwenImage21DiT)
         dit.source = model_name  # named when conditioning of another encoder reaches it
+        set_gguf_dequant_cache(dit, dequant_cache)
         storage = stored if stored in FLOAT8_DTYPES else compute
         variant = "2.1 Turbo" if "turbo" in model_name.lower() else "2.1"  # same architecture: the name tells
         return io.NodeOutput(wrap_diffusion_model_2_1(dit, storage, compute if storage != compute else None),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_qwen_image_2_1_host import DIT, graph_2_1
 from test_t2i_host import read_latent, set_inputs, small_t2i
@@ -41,3 +42,15 @@ def test_the_1x_loader_names_a_2_1_gguf(host, gguf_file):
     set_inputs(graph, "QIP_DiffusionModelLoader", model_name=GGUF)
     with pytest.raises(Exception, match="this is a Qwen-Image 2.1 DiT, not a Qwen-Image diffusion model"):
         host.run(graph)
+
+
+def test_the_2_1_loader_switches_the_dequant_cache(host, gguf_file):
+    # The cache keeps dense copies of the one-vector layers (the shared modulation, the timestep MLP): the same
+    # numbers as dequantizing them at every use, so the latents are equal either way.
+    assert "dequant_cache" in host.object_info()[LOADER]["input"]["optional"]
+    latents = {}
+    for cache in (True, False):
+        graph = graph_2_1([], prompt="A red fox in the snow.", negative=" ", steps=2, seed=12, cfg=1.0, size=(64, 64))
+        set_inputs(graph, LOADER, model_name=GGUF, dequant_cache=cache)
+        latents[cache] = read_latent(host.run(graph))
+    assert torch.equal(latents[True], latents[False])

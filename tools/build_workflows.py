@@ -130,7 +130,7 @@ FRONTEND = {
     "KSamplerSelect": ((), 1),
     "LoadImage": ((), 2),
     "ModelSamplingAuraFlow": (("model",), 1),
-    "QIP_21DiffusionModelLoader": ((), 2),
+    "QIP_21DiffusionModelLoader": ((), 3),
     "QIP_21EmptyLatent": ((), 3),
     "QIP_21Encode": (("text_encoder", "vae", "image", "image2", "image3", "more_images"), 3),
     "QIP_21PrefixCache": (("model",), 1),
