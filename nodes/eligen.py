@@ -2,8 +2,8 @@
 
 Add EliGen Entity pairs one entity prompt with its region (chain the node for any number of entities); Apply EliGen
 Entities encodes the entity prompts and attaches them to a conditioning, where the DiT masks its joint attention so
-that each entity's words act only inside its region (models/qwen_image/eligen.py).  A region is a mask, a picture of one, or a box given
-in fractions of the image.
+that each entity's words act only inside its region (models/qwen_image/eligen.py).  A region is a mask, a picture
+of one, or a box given in fractions of the image.
 """
 
 from __future__ import annotations
@@ -120,11 +120,11 @@ def _preview(entities: tuple[Entity, ...]) -> torch.Tensor:
     return picture
 
 
-def _entities_ui(entities: tuple[Entity, ...]) -> dict | None:
+def _entities_ui(entities: tuple[Entity, ...]) -> dict:
     """The regions as a preview image and the prompts with their colours (``qip_entities``; the web extension
-    writes the legend).  None when no preview can be written: it never fails the node."""
-    legend = [{"prompt": e.prompt, "colour": "#%02x%02x%02x" % COLOURS[i % len(COLOURS)],
-               "width": int(e.mask.shape[1]), "height": int(e.mask.shape[0])} for i, e in enumerate(entities)]
+    writes the legend).  Without the preview when it cannot be written: it never fails the node."""
+    legend = [{"prompt": e.prompt, "colour": "#%02x%02x%02x" % COLOURS[i % len(COLOURS)]}
+              for i, e in enumerate(entities)]
     try:
         return {"images": temp_previews([_preview(entities)], "qip_eligen"), "qip_entities": legend}
     except Exception as e:  # noqa: BLE001

@@ -143,7 +143,8 @@ def test_eligen_poster_final_latent_equals_diffsynth(host, host_models_dir, on_n
 
     dit_file = host_models_dir / "diffusion_models" / "qwen_image_bf16.safetensors"
     pipe = QwenImagePipeline(device="cpu", torch_dtype=torch.float32)
-    pipe.dit = diffsynth_dit({name.removeprefix(DIT_PREFIX): tensor for name, tensor in comfy_tensors(dit_file).items()})
+    pipe.dit = diffsynth_dit({name.removeprefix(DIT_PREFIX): tensor
+                              for name, tensor in comfy_tensors(dit_file).items()})
     pipe.text_encoder = HiddenStates(reference_text_encoder(host_models_dir / "text_encoders" /
                                                             "qwen_2.5_vl_7b.safetensors"))
     pipe.tokenizer = Qwen2Tokenizer.from_pretrained(str(host_tokenizer_dir()))

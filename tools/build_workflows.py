@@ -13,7 +13,8 @@ that zoom.  Chains stack under their source, nodes are ordered after their consu
 along the top and whatever they would cross moves below them.  Nodes take the size the frontend gives them and links
 enter where it draws their sockets (:data:`FRONTEND`: every socket and widget of a node's definition, the image
 previews included), so nothing grows over a neighbour once loaded.  :func:`crossings` checks the result (the tests
-run it on the files; tests/test_browser.py checks it in the real frontend).  The thumbnails need Pillow: the script re-runs itself in the cached environment (tools/env.py).
+run it on the files; tests/test_browser.py checks it in the real frontend).  The thumbnails need Pillow: the
+script re-runs itself in the cached environment (tools/env.py).
 """
 
 from __future__ import annotations
