@@ -186,6 +186,14 @@ assert masked_backend(host.attention_sage) is host.attention_pytorch
 others = [host.attention_pytorch, host.attention_sub_quad, host.attention_split, host.attention_basic,
           host.attention_flash, host.attention_xformers]
 assert all(masked_backend(f) is f for f in others)
+import torch
+from qip.nodes.host.attention import _additive
+q = torch.zeros(1, 2, 5, 4, dtype=torch.bfloat16)
+mask = torch.rand(1, 1, 5, 5) > 0.3
+first = _additive(mask, False, q, q)
+assert _additive(mask, False, q, q) is first  # made once per mask, not per block
+assert torch.equal(first == 0, mask) and first.dtype == torch.bfloat16
+assert _additive(mask, False, q.float(), q.float()).dtype == torch.float32  # another dtype: made anew
 print("masked calls routed")
 """
 

@@ -30,13 +30,19 @@ _warned = False
 
 def _additive(mask: torch.Tensor | None, causal: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """The host's backends take additive float masks; a boolean mask (True = attend) or a causal one is turned
-    into 0 / most-negative entries of the query's dtype."""
+    into 0 / most-negative entries of the query's dtype.  A model passes one boolean mask to all its blocks (EliGen's
+    is [S, S]): its additive form is kept on the mask tensor, so it is made once per forward, not once per block."""
     if causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
         mask = keep if mask is None else mask & keep
     if mask is None or mask.dtype != torch.bool:
         return mask
-    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+    cached = getattr(mask, "_qip_additive", None)
+    if cached is not None and cached.dtype == q.dtype and cached.device == q.device:
+        return cached
+    additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+    mask._qip_additive = additive  # lives as long as the mask: one forward
+    return additive
 
 
 def masked_backend(attend):
